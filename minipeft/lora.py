@@ -1,0 +1,230 @@
+"""LoRA, rsLoRA and DoRA in one file.
+
+LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"): freeze W (out, in) and learn a
+low-rank update
+    h = W x + s * B A x,        A: (r, in), B: (out, r), s = lora_alpha / r
+A starts kaiming-uniform (a = sqrt(5), nn.Linear's own init, as in PEFT), B starts at zero, so the adapted
+model starts exactly as the base model and only B gets a non-zero gradient at the first step.
+
+rsLoRA (Kalajdzievski 2023): s = lora_alpha / sqrt(r). With alpha/r the update's scale shrinks as r grows, so
+large ranks learn no faster than small ones; 1/sqrt(r) keeps the learning dynamics rank-stable.
+
+DoRA (Liu et al. 2024, "Weight-Decomposed Low-Rank Adaptation"): split the merged weight into a magnitude per
+output row and a direction,
+    W' = m * (W + s B A) / ||W + s B A||_row,     m: (out,), initialised to ||W||_row
+and, as the paper suggests (section 4.3), treat the norm as a constant in backward (it is detached).
+In forward this is computed without forming W':   h = W x + (m/n - 1) * W x + (m/n) * s * B A x,  n = ||W + sBA||.
+
+The layer wraps the layer it adapts (`base_layer`: nn.Linear, or NF4Linear for QLoRA) and keeps its adapters in
+small dicts keyed by adapter name ("default" unless you name them), as PEFT does, so several adapters can live
+on one base. Saved keys follow PEFT: `<module>.lora_A.weight`, `<module>.lora_B.weight`,
+`<module>.lora_magnitude_vector` (the adapter name is stripped in the file).
+"""
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: tuple | list | str = (
+        "q_proj",
+        "v_proj",
+    )  # names/suffixes, a full-match regex, "all-linear"
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: bool | str = True  # True: PEFT's init (B = 0); "gaussian": A ~ N(0, 1/r); False: B != 0
+    bias: str = "none"
+    modules_to_save: list | None = None
+    base_model_name_or_path: str | None = None
+    peft_type: ClassVar[str] = "LORA"
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"LoraConfig.lora_alpha must be positive, got {self.lora_alpha!r}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+        if self.bias != "none":
+            raise ValueError(f"only bias='none' is supported (biases stay frozen), got {self.bias!r}")
+        if self.modules_to_save:
+            raise ValueError(f"modules_to_save is not supported, got {self.modules_to_save!r}")
+        if isinstance(self.target_modules, list):
+            self.target_modules = tuple(self.target_modules)
+
+    @property
+    def scaling(self):
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def to_peft_dict(self):
+        d = {k: v for k, v in asdict(self).items() if k != "extra"}
+        d["target_modules"] = d["target_modules"] if isinstance(d["target_modules"], str) else list(d["target_modules"])
+        return {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+            **d,
+        }
+
+
+class LoraLayer(nn.Module):
+    """base_layer(x) + scaling * lora_B(lora_A(dropout(x))) for the active adapter (plus DoRA's rescaling)."""
+
+    def __init__(self, base_layer):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA only
+        self.scaling = {}
+        self.active_adapter = "default"
+        self.merged_adapters = []
+        self.dora_norm = {}  # DoRA: ||W + sBA|| at merge time, for an exact unmerge
+        self.disabled = False  # set by PeftModel.disable_adapter()
+        self.adapter_names = None  # per-row adapter names for a mixed batch, set by PeftModel.forward
+
+    def base_weight(self):  # dense (out, in) weight, also for a 4-bit base
+        return self.base_layer.dequantize() if hasattr(self.base_layer, "dequantize") else self.base_layer.weight
+
+    def update_layer(self, name, config: LoraConfig):
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        w = self.base_weight()
+        kw = dict(bias=False, device=w.device, dtype=w.dtype if w.is_floating_point() else torch.float32)
+        self.lora_A[name] = nn.Linear(self.in_features, config.r, **kw)  # kaiming-uniform(a=sqrt(5)) by default
+        self.lora_B[name] = nn.Linear(config.r, self.out_features, **kw)
+        self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.scaling[name] = config.scaling
+        if config.init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A[name].weight, std=1 / config.r)
+        if config.init_lora_weights is False:  # a non-zero B, so tests see the adapter's effect
+            nn.init.normal_(self.lora_B[name].weight, std=0.02)
+        else:
+            nn.init.zeros_(self.lora_B[name].weight)
+        if config.use_dora:
+            with torch.no_grad():
+                m = self.weight_norm(name).to(kw["dtype"])
+            self.lora_magnitude_vector[name] = nn.Parameter(m)
+
+    def delta_weight(self, name):  # s * B @ A: (out, in)
+        return self.scaling[name] * self.lora_B[name].weight @ self.lora_A[name].weight
+
+    def weight_norm(self, name):  # ||W + s B A|| per output row: (out,)
+        w = self.base_weight()
+        return torch.linalg.vector_norm(w + self.delta_weight(name).to(w.dtype), dim=1)
+
+    def lora_forward(self, x, result, name):
+        A, B, drop, s = self.lora_A[name], self.lora_B[name], self.lora_dropout[name], self.scaling[name]
+        x = x.to(A.weight.dtype)
+        if name not in self.lora_magnitude_vector:
+            return result + (s * B(A(drop(x)))).to(result.dtype)
+        # DoRA: (m/n - 1) * W x + (m/n) * s * B A x, with n detached (section 4.3 of the paper)
+        w = self.base_weight().to(x.dtype)
+        n = torch.linalg.vector_norm(w + (s * B.weight @ A.weight).detach(), dim=1).detach()
+        scale = (self.lora_magnitude_vector[name] / n).to(x.dtype)  # (out,)
+        if isinstance(drop, nn.Identity) or not self.training:
+            base = result - self.base_layer.bias if self.base_layer.bias is not None else result
+        else:  # with dropout PEFT applies W to the dropped-out input (an approximation it documents)
+            x = drop(x)
+            base = F.linear(x, w)
+        return result + ((scale - 1) * base + scale * s * B(A(x))).to(result.dtype)
+
+    def forward(self, x):
+        result = self.base_layer(x)
+        if self.disabled or self.merged_adapters:
+            return result
+        if self.adapter_names is None:
+            return self.lora_forward(x, result, self.active_adapter) if self.active_adapter in self.lora_A else result
+        # A mixed batch: each row uses its own adapter ("__base__" = none); rows are gathered per adapter.
+        out = result.clone()
+        for name in set(self.adapter_names) - {"__base__"}:
+            rows = torch.tensor([i for i, n in enumerate(self.adapter_names) if n == name], device=x.device)
+            out[rows] = self.lora_forward(x[rows], result[rows], name)
+        return out
+
+    # ----- merging -----
+    def merged_weight(self, name):
+        """The dense weight W' this adapter is equivalent to: W + sBA, or m * (W + sBA) / ||W + sBA|| for DoRA."""
+        w = self.base_weight()
+        merged = w + self.delta_weight(name).to(w.dtype)
+        if name in self.lora_magnitude_vector:
+            merged = merged * (self.lora_magnitude_vector[name] / torch.linalg.vector_norm(merged, dim=1))[:, None]
+        return merged
+
+    def merge(self):
+        """Fold the active adapter into base_layer.weight (nn.Linear bases only)."""
+        if self.merged_adapters or self.active_adapter not in self.lora_A:
+            return
+        if not isinstance(self.base_layer, nn.Linear):
+            raise TypeError(
+                f"cannot merge in place into a {type(self.base_layer).__name__} base; use merge_and_unload(), "
+                "which dequantizes and returns a full-precision model"
+            )
+        name = self.active_adapter
+        with torch.no_grad():
+            if name in self.lora_magnitude_vector:  # keep n = ||W + sBA|| so that unmerge can undo m / n exactly
+                self.dora_norm[name] = self.weight_norm(name)
+            self.base_layer.weight.copy_(self.merged_weight(name))
+        self.merged_adapters = [name]
+
+    def unmerge(self):
+        if not self.merged_adapters:
+            return
+        name = self.merged_adapters.pop()
+        with torch.no_grad():
+            w = self.base_layer.weight
+            if name in self.lora_magnitude_vector:  # W' = m/n * (W + sBA)  =>  W = W' * n/m - sBA
+                w.mul_((self.dora_norm.pop(name) / self.lora_magnitude_vector[name])[:, None])
+            w.sub_(self.delta_weight(name).to(w.dtype))
+
+    def merged_linear(self):
+        """A plain nn.Linear holding the merged weight of the active adapter (for merge_and_unload)."""
+        w = self.merged_weight(self.active_adapter) if self.active_adapter in self.lora_A else self.base_weight()
+        bias = getattr(self.base_layer, "bias", None)
+        lin = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if bias is not None:
+                lin.bias.copy_(bias)
+        return lin
+
+    # ----- the small protocol peft.py uses -----
+    def adapter_state(self, name):
+        """PEFT's file keys (relative to this module) -> this adapter's parameters."""
+        state = {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+        if name in self.lora_magnitude_vector:
+            state["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
+        return state
+
+    def adapter_list(self):
+        return list(self.lora_A)
+
+    def delete_adapter(self, name):
+        for d in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
+            d.pop(name, None)
+        self.scaling.pop(name, None)
+
+
+def inject_lora(model, targets, config, name="default"):
+    """Wrap each (qualified name, module) in `targets` with a LoraLayer (or add an adapter to an existing one)."""
+    for qualname, module in targets:
+        if not isinstance(module, LoraLayer):
+            parent_name, _, child = qualname.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            module = LoraLayer(module)
+            setattr(parent, child, module)
+        module.update_layer(name, config)

@@ -1,0 +1,393 @@
+"""The reference transformer: the Llama family in one file.
+
+    x -> embed -> [ h = x + Attn(RMSNorm(x)) ; x = h + MLP(RMSNorm(h)) ] * L -> RMSNorm -> lm_head -> logits
+
+Pieces, in reading order:
+- RMSNorm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * weight, no mean subtraction, no bias.
+- Rotary position embeddings (Su et al. 2021): each pair of channels of q and k is rotated by an angle
+  position * theta_i, so q.k depends only on the distance between positions. HF's "rotate_half" layout
+  (channel i pairs with i + head_dim/2), with optional Llama-3 frequency scaling.
+- Grouped-query attention (Ainslie et al. 2023): n_heads query heads share n_kv_heads key/value heads,
+  computed by torch's scaled_dot_product_attention.
+- SwiGLU MLP (Shazeer 2020): down(silu(gate(x)) * up(x)).
+
+Shapes: B batch, T new tokens, S = past + T keys, D hidden, H query heads, K kv heads, hd head dim, V vocab.
+
+The state_dict keys are exactly Hugging Face LlamaForCausalLM's (model.layers.0.self_attn.q_proj.weight,
+...), so HF checkpoints load without renaming and PEFT adapter keys map one to one. q, k and v stay
+separate Linear layers on purpose: every method in minipeft adapts them independently.
+
+Precision: everything runs in the parameters' dtype. Only bf16/fp16 are upcast to float32 where it matters
+(norms, the loss); a float64 model stays float64 end to end, which the gradient checks rely on.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None: plain multi-head attention
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor": 8.0, ...} or {"rope_type": "linear", ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False  # bias on q, k, v (and o unless attention_out_bias says otherwise)
+    mlp_bias: bool = False
+    attention_out_bias: bool | None = None  # Qwen2: biases on q, k, v but not on o_proj
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    extra: dict = field(default_factory=dict, repr=False)  # config.json keys we carry but do not use
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        if dtype in HALF:  # the mean of squares overflows/underflows in 16 bits
+            x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg):
+    """theta_i = rope_theta^(-2i/hd) for i < hd/2, with Llama-3 or linear scaling of the long wavelengths."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    rs = cfg.rope_scaling or {}
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":  # positions divided by factor
+        return inv_freq / rs["factor"]
+    if kind == "llama3":
+        # Low frequencies (wavelength > old_ctx / low_freq_factor) are slowed down by `factor`, high
+        # frequencies (wavelength < old_ctx / high_freq_factor) are kept, and the band between is blended.
+        factor, lo, hi = rs["factor"], rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+        old_ctx = rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        out = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
+        mid = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
+        return torch.where(mid, blended, out)
+    raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: default, linear, llama3")
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x, cos, sin):  # x (B, heads, T, hd); cos, sin (B, 1, T, hd)
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
+        out_bias = cfg.attention_bias if cfg.attention_out_bias is None else cfg.attention_out_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=out_bias)
+
+    def forward(self, x, cos, sin, mask, past_kv=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if past_kv is not None:  # cached keys are stored already rotated; prefix-tuning keys are used as given
+            k = torch.cat([past_kv[0].to(k.dtype), k], dim=2)  # (B, K, S, hd)
+            v = torch.cat([past_kv[1].to(v.dtype), v], dim=2)
+        if self.n_kv_heads != self.n_heads:  # GQA: each kv head serves n_heads / n_kv_heads query heads
+            rep = self.n_heads // self.n_kv_heads
+            k_att, v_att = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        else:
+            k_att, v_att = k, v
+        y = F.scaled_dot_product_attention(q, k_att, v_att, attn_mask=mask, is_causal=mask is None and T > 1)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.o_proj(y), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, past_kv=None):
+        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_kv)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    past_key_values: list | None = None
+
+
+def causal_lm_loss(logits, labels):
+    """Mean next-token cross-entropy: position t predicts labels[t + 1]; labels == -100 are ignored."""
+    logits = logits[:, :-1].float() if logits.dtype in HALF else logits[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = nn.ModuleDict(
+            dict(
+                embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+                layers=nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers)),
+                norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
+            )
+        )
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg).float(), persistent=False)
+        self.gradient_checkpointing = False  # recompute each block in backward: less memory, ~30% more time
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m):  # HF Llama's initializer_range = 0.02
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+    def _apply(self, fn, recurse=True):  # keep inv_freq in float32 (or float64) when the model is cast to bf16
+        super()._apply(fn, recurse)
+        dt = torch.float64 if self.model.embed_tokens.weight.dtype == torch.float64 else torch.float32
+        self.inv_freq = rope_inv_freq(self.config).to(device=self.model.embed_tokens.weight.device, dtype=dt)
+        return self
+
+    @property
+    def dtype(self):
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self):
+        return self.model.embed_tokens.weight.device
+
+    def rotary(self, position_ids, dtype):  # -> cos, sin (B, 1, T, hd)
+        freqs = position_ids[:, :, None].to(self.inv_freq.dtype) * self.inv_freq  # (B, T, hd/2)
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(
+        self,
+        input_ids=None,
+        *,
+        inputs_embeds=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        use_cache=False,
+        labels=None,
+    ):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
+        B, T, _ = x.shape
+        past = past_key_values[0][0].size(2) if past_key_values else 0
+        if past + T > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {past + T} tokens (past {past} + new {T}) exceeds the context "
+                f"max_position_embeddings={self.config.max_position_embeddings}"
+            )
+        if attention_mask is not None and attention_mask.shape != (B, past + T):
+            raise ValueError(
+                f"attention_mask must be (batch, past + new) = {(B, past + T)}, got {tuple(attention_mask.shape)}"
+            )
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
+            else:  # left padding: real tokens count positions from 0 (as HF generate does)
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        cos, sin = self.rotary(position_ids, x.dtype)
+        mask = self.attention_mask(attention_mask, B, T, past, x.device)
+        new_cache = []
+        for i, layer in enumerate(self.model.layers):
+            past_kv = past_key_values[i] if past_key_values else None
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x, kv = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, past_kv, use_reentrant=False)
+            else:
+                x, kv = layer(x, cos, sin, mask, past_kv)
+            new_cache.append(kv)
+        logits = self.lm_head(self.model.norm(x))  # (B, T, V)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return ModelOutput(logits=logits, loss=loss, past_key_values=new_cache if use_cache else None)
+
+    @staticmethod
+    def attention_mask(attention_mask, B, T, past, device):
+        """Boolean (B, 1, T, S) mask, True = may attend; None when plain causal attention does the job."""
+        if attention_mask is None and (past == 0 or T == 1):
+            return None  # SDPA's is_causal (or no mask at all for one new token)
+        S = past + T
+        q_pos = torch.arange(past, S, device=device)[:, None]
+        mask = (torch.arange(S, device=device)[None, :] <= q_pos)[None, None]  # (1, 1, T, S) causal
+        if attention_mask is not None:
+            mask = mask & attention_mask.bool()[:, None, None, :]
+            # A padding query sees no key at all, which would make softmax NaN: let it see itself.
+            mask = mask | (torch.arange(S, device=device)[None, :] == q_pos)[None, None]
+        return mask.expand(B, 1, T, S)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids,
+        max_new_tokens=32,
+        temperature=0.0,
+        top_k=None,
+        top_p=None,
+        eos_token_id=None,
+        attention_mask=None,
+        generator=None,
+    ):
+        """Sample up to max_new_tokens with the KV cache; returns (B, T + new): the input ids then the new ones.
+
+        Left-padded batches work when attention_mask is given. Rows that produced eos keep emitting eos.
+        temperature 0 is greedy; otherwise logits / temperature, then top-k, then top-p (nucleus) filtering.
+        """
+        return generate(
+            self,
+            input_ids,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            eos_token_id,
+            attention_mask,
+            generator,
+        )
+
+
+def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """logits (B, V) -> next token ids (B,)."""
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, idx = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def check_generate_args(input_ids, max_new_tokens, temperature, top_k, top_p, max_len):
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
+    if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
+        raise ValueError(
+            f"bad sampling settings: max_new_tokens={max_new_tokens}, temperature={temperature}, top_k={top_k}"
+        )
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if input_ids.size(1) + max_new_tokens > max_len:
+        raise ValueError(
+            f"prompt of {input_ids.size(1)} tokens + max_new_tokens={max_new_tokens} exceeds the context "
+            f"of {max_len} tokens (max_position_embeddings)"
+        )
+
+
+def generate(
+    model,
+    input_ids,
+    max_new_tokens=32,
+    temperature=0.0,
+    top_k=None,
+    top_p=None,
+    eos_token_id=None,
+    attention_mask=None,
+    generator=None,
+    max_len=None,
+    **forward_kwargs,
+):
+    """The decoding loop, shared by Transformer and PeftModel (`model` is anything with the forward above)."""
+    max_len = max_len or model.config.max_position_embeddings
+    check_generate_args(input_ids, max_new_tokens, temperature, top_k, top_p, max_len)
+    was_training = model.training
+    model.eval()
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+    eos_t = torch.tensor(sorted(eos), device=input_ids.device)
+    done = torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)
+    out, cache, step_ids = input_ids, None, input_ids
+    for _ in range(max_new_tokens):
+        out_ = model(step_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True, **forward_kwargs)
+        cache = out_.past_key_values
+        nxt = sample_next(out_.logits[:, -1], temperature, top_k, top_p, generator)
+        if eos:
+            nxt = torch.where(done, eos_t[0], nxt)
+            done |= torch.isin(nxt, eos_t)
+        out = torch.cat([out, nxt[:, None]], dim=1)
+        step_ids = nxt[:, None]
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.size(0), 1)], dim=1)
+        if eos and bool(done.all()):
+            break
+    model.train(was_training)
+    return out
