@@ -215,7 +215,8 @@ class LoraLayer(nn.Module):
 
     def delete_adapter(self, name):
         for d in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
-            d.pop(name, None)
+            if name in d:
+                del d[name]
         self.scaling.pop(name, None)
 
 

@@ -375,6 +375,8 @@ class PeftModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model, path, adapter_name="default", is_trainable=False, tokenizer=None):
         config = load_config(path)
+        for p in model.parameters():
+            p.requires_grad_(False)
         peft_model = cls.__new__(cls)
         nn.Module.__init__(peft_model)
         peft_model.base_model, peft_model.peft_config = model, {}
