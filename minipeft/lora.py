@@ -103,8 +103,13 @@ class LoraLayer(nn.Module):
     def update_layer(self, name, config: LoraConfig):
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer")
-        w = self.base_weight()
-        kw = dict(bias=False, device=w.device, dtype=w.dtype if w.is_floating_point() else torch.float32)
+        w = getattr(self.base_layer, "weight", None)
+        w = w if isinstance(w, torch.Tensor) and w.is_floating_point() else self.base_weight()  # a 4-bit base
+        dtype = w.dtype
+        # Adapters train in float32 even on a bf16/fp16 base (as PEFT's autocast_adapter_dtype does):
+        # AdamW updates of small 16-bit weights lose most of their bits.
+        dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        kw = dict(bias=False, device=w.device, dtype=dtype)
         self.lora_A[name] = nn.Linear(self.in_features, config.r, **kw)  # kaiming-uniform(a=sqrt(5)) by default
         self.lora_B[name] = nn.Linear(config.r, self.out_features, **kw)
         self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
