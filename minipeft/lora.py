@@ -234,3 +234,39 @@ def inject_lora(model, targets, config, name="default"):
             module = LoraLayer(module)
             setattr(parent, child, module)
         module.update_layer(name, config)
+
+
+def combine_adapters(layer, adapters, weights, name, combination_type, config):
+    """Fill adapter `name` of `layer` with a weighted combination of `adapters` (as PEFT's add_weighted_adapter).
+
+    "cat":    A = [A_1; A_2; ...], B = [w_1 s_1 B_1, w_2 s_2 B_2, ...]: exactly sum_i w_i s_i B_i A_i, rank sum r_i.
+    "linear": A = sum_i sqrt(|w_i s_i|) sign(w_i s_i) A_i, B = sum_i sqrt(|w_i s_i|) B_i (same ranks); NOT the
+              weighted sum of the deltas (the product has cross terms B_i A_j): PEFT's definition, kept for parity.
+    "svd":    the exact weighted sum of deltas, truncated to rank config.r by SVD: B = U_r S_r, A = V_r^T.
+    The new adapter has lora_alpha = r, so its scaling is 1. Returns the squared Frobenius truncation error
+    (the sum of the discarded squared singular values) for "svd", else 0.
+    """
+    present = [(a, w) for a, w in zip(adapters, weights) if a in layer.lora_A]
+    layer.update_layer(name, config)
+    A_new, B_new = layer.lora_A[name].weight, layer.lora_B[name].weight
+    with torch.no_grad():
+        if combination_type == "cat":
+            A = torch.cat([layer.lora_A[a].weight for a, _ in present], dim=0)
+            B = torch.cat([w * layer.scaling[a] * layer.lora_B[a].weight for a, w in present], dim=1)
+            A_new.zero_(), B_new.zero_()
+            A_new[: A.size(0)], B_new[:, : B.size(1)] = A, B
+            return 0.0
+        if combination_type == "linear":
+            A_new.zero_(), B_new.zero_()
+            for a, w in present:
+                c = w * layer.scaling[a]
+                A_new.add_(math.copysign(math.sqrt(abs(c)), c) * layer.lora_A[a].weight)
+                B_new.add_(math.sqrt(abs(c)) * layer.lora_B[a].weight)
+            return 0.0
+        delta = sum(w * layer.delta_weight(a) for a, w in present)  # (out, in)
+        U, S, Vh = torch.linalg.svd(delta.float() if delta.dtype in (torch.float16, torch.bfloat16) else delta,
+                                    full_matrices=False)  # fmt: skip
+        r = config.r
+        B_new.copy_(U[:, :r] * S[:r])
+        A_new.copy_(Vh[:r])
+        return float((S[r:] ** 2).sum())
