@@ -1,0 +1,417 @@
+"""One plain training loop: AdamW, warmup + cosine schedule, accumulation, clipping, eval, checkpoints.
+
+    for step in 1 .. steps:
+        for each of grad_accum micro-batches:
+            loss_i = model(input_ids, attention_mask=..., labels=...).loss     # mean over its n_i targets
+            (loss_i * n_i / N).backward()                                    # N: targets in the whole step
+        clip_grad_norm_(trainable, max_grad_norm); optimizer.step(); scheduler.step(); zero_grad()
+        log, evaluate, checkpoint
+
+That is all of it. The model is only called as model(input_ids, attention_mask=, labels=), besides
+named_parameters() and train()/eval(), so the same loop does full fine-tuning of a Transformer and trains a
+PeftModel: whatever requires grad is trained, and nothing else reaches the optimizer.
+
+Accumulation. Each micro-batch's mean loss is weighted by its share n_i / N of the step's target tokens, so
+the summed gradient is that of the mean over all N targets: exactly one big batch. With packed text every
+micro-batch has the same count and this is loss / grad_accum; with padded instruction data a plain
+loss / grad_accum would over-weight the targets of short micro-batches.
+
+Schedule. LambdaLR multiplies lr by m(s) at optimizer step s = 0 .. steps - 1 (W warmup steps, r min_lr_ratio):
+    m(s) = (s + 1) / (W + 1)                                                  s < W   linear warmup, never 0
+    m(s) = r + (1 - r) * (1 + cos(pi * (s - W) / max(1, steps - 1 - W))) / 2   s >= W  cosine down to r
+LoRA+ (Hayou et al. 2024): with lora_plus_ratio = lambda, parameters named *lora_B* get lr * lambda.
+Weight decay, when not 0, applies to matrices (dim >= 2) only, not to norms and biases (as in nanoGPT).
+
+Checkpoints, in out_dir/checkpoint/. Never pickle: tensors go to safetensors, everything else to JSON.
+    trainable.safetensors  the trainable parameters by name
+    optimizer.safetensors  AdamW's state.<i>.exp_avg and state.<i>.exp_avg_sq (i: the parameter's index)
+    rng.safetensors        torch_cpu: the CPU generator state (uint8); cuda.<d>: each CUDA device's
+    trainer_state.json     step, config, optimizer param_groups (with param_names) and step counts,
+                           scheduler state, python and numpy RNG states
+    + whatever on_save(model, path) writes there (the CLI adds the PEFT-format adapter)
+A save writes a temporary sibling directory, fsyncs it, moves the previous checkpoint aside to checkpoint.old,
+renames the new one in, and only then deletes the old one: a crash at any moment leaves a complete checkpoint
+(checkpoint/, or checkpoint.old/, which resume also finds). metrics.json is rewritten atomically.
+
+Resume restores all of it, so N steps interrupted after the save at step k and resumed give weights
+bit-identical to one uninterrupted N-step run on CPU, dropout included (the RNG states come back, and the data
+order is a pure function of (seed, step), see data.py). One check on an H200 (fused AdamW, bf16 autocast,
+dropout) was bit-identical too, though CUDA kernels do not promise it. A non-finite loss stops training at once with
+NonFiniteLossError, before the bad step is applied or anything is saved.
+
+Not done: fp16 autocast (it needs a GradScaler; bf16 does not), several GPUs, and gradient checkpointing
+(switch that on the model: model.gradient_checkpointing = True).
+"""
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from .data import IGNORE_INDEX, batch_stream, batches
+
+CHECKPOINT = "checkpoint"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became inf or NaN; training stopped before applying that step, the last checkpoint is kept."""
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v):  # a finite int or float
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # optimizer steps
+    lr: float = 2e-4
+    batch_size: int = 8  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    warmup_steps: int = 0  # linear warmup; when 0, round(warmup_ratio * steps)
+    warmup_ratio: float = 0.0
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+    weight_decay: float = 0.0  # adapters usually train without
+    max_grad_norm: float | None = 1.0  # None: no clipping
+    eval_every: int = 0  # steps between evaluations; 0: only at the end
+    eval_batches: int | None = 20  # validation batches per evaluation; None: all
+    log_every: int = 10
+    save_every: int = 0  # steps between checkpoints; 0: only at the end (checkpoints need out_dir)
+    seed: int = 0  # seeds torch/python/numpy at the start of a fresh run, and the data order
+    device: str | None = None  # where batches go; None: where the trainable parameters are
+    autocast: str = "auto"  # "auto": bf16 on CUDA for a float32 model, off on CPU; "bf16"; "off"
+    lora_plus_ratio: float | None = None  # LoRA+: lr * ratio for lora_B; None: off
+    out_dir: str | None = None  # checkpoint/ and metrics.json; None: nothing is written
+    progress: bool | None = None  # the tqdm bar; None: only when stderr is a terminal
+
+    def __post_init__(self):
+        def check(ok, name, valid):
+            if not ok:
+                raise ValueError(f"TrainConfig.{name} must be {valid}, got {getattr(self, name)!r}")
+
+        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+            check(_is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "an integer >= 1")
+        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
+            check(_is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "an integer >= 0")
+        check(_is_num(self.lr) and self.lr > 0, "lr", "a finite number > 0")
+        check(_is_num(self.warmup_ratio) and 0 <= self.warmup_ratio < 1, "warmup_ratio", "in [0, 1)")
+        check(_is_num(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
+        check(_is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a number >= 0")
+        mgn, ebs, lpr = self.max_grad_norm, self.eval_batches, self.lora_plus_ratio
+        check(mgn is None or (_is_num(mgn) and mgn > 0), "max_grad_norm", "None (no clipping) or a number > 0")
+        check(ebs is None or (_is_int(ebs) and ebs >= 1), "eval_batches", "None (all) or an integer >= 1")
+        check(lpr is None or (_is_num(lpr) and lpr > 0), "lora_plus_ratio", "None (off) or a number > 0")
+        check(self.autocast in ("auto", "bf16", "off"), "autocast", "'auto', 'bf16' or 'off'")
+
+
+def lr_multiplier(step, steps, warmup_steps, min_lr_ratio):
+    """m(s) of the module docstring: the factor on lr for optimizer step `step` (0-based)."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = min(1.0, (step - warmup_steps) / max(1, steps - 1 - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def trainable_parameters(model):
+    """[(name, parameter)] for every parameter that requires grad, in named_parameters() order."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def build_optimizer(named_params, cfg, device=None):
+    """AdamW over exactly these (name, parameter) pairs, grouped by (LoRA+ lora_B?, decayed?)."""
+    groups = {}
+    for name, p in named_params:
+        lora_b = cfg.lora_plus_ratio is not None and "lora_B" in name
+        decay = cfg.weight_decay > 0 and p.dim() >= 2
+        group = groups.setdefault(
+            (lora_b, decay),
+            {"params": [], "param_names": [], "lr": cfg.lr * (cfg.lora_plus_ratio if lora_b else 1.0),
+             "weight_decay": cfg.weight_decay if decay else 0.0},
+        )  # fmt: skip
+        group["params"].append(p)
+        group["param_names"].append(name)
+    fused = True if device is not None and torch.device(device).type == "cuda" else None  # one kernel per step
+    ordered = [g for _, g in sorted(groups.items())]  # plain-lr groups first: group 0's lr is the one logged
+    return torch.optim.AdamW(ordered, lr=cfg.lr, fused=fused)
+
+
+def num_targets(batch):  # the tokens that are predicted: labels shifted by one, -100 excluded
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def batch_loss(model, batch, device):  # the one way the loop calls the model
+    mask = batch["attention_mask"] if batch["attention_mask"] is None else batch["attention_mask"].to(device)
+    return model(batch["input_ids"].to(device), attention_mask=mask, labels=batch["labels"].to(device)).loss
+
+
+@torch.no_grad()
+def evaluate(model, dataset, batch_size, max_batches=None, *, device=None, bf16=False):
+    """-> (loss, perplexity): the mean loss over every target token of the first max_batches batches, in order."""
+    device = device or next(p for _, p in model.named_parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i, batch in enumerate(batches(dataset, batch_size, shuffle=False, drop_last=False)):
+        if max_batches is not None and i >= max_batches:
+            break
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            loss = batch_loss(model, batch, device)
+        total, count = total + loss.item() * num_targets(batch), count + num_targets(batch)
+    model.train(was_training)
+    loss = total / count
+    return loss, math.exp(loss) if loss < 700 else math.inf
+
+
+# ----------------------------------------------------------------------------------- checkpoint files
+
+
+def _fsync(path):  # a file or a directory: its bytes (or its entries) are on disk when this returns
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(obj, path):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    _fsync(tmp)
+    os.replace(tmp, path)  # atomic on POSIX and Windows: readers see the old file or the new, never half
+
+
+def rng_state():
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda.{d}": s for d, s in enumerate(torch.cuda.get_rng_state_all())})
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return tensors, {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, cached]}
+
+
+def set_rng_state(tensors, state):
+    torch.set_rng_state(tensors["torch_cpu"])
+    for d in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        if f"cuda.{d}" in tensors:
+            torch.cuda.set_rng_state(tensors[f"cuda.{d}"], d)
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def optimizer_state(optimizer):
+    """AdamW's state_dict split in two: tensors (dim >= 1) for safetensors, everything else for JSON."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for i, state in sd["state"].items():
+        for key, v in state.items():
+            if v.dim() > 0:
+                tensors[f"state.{i}.{key}"] = v.detach().cpu().contiguous()
+            else:  # AdamW's per-parameter step count, a 0-dim float32 tensor
+                scalars[f"{i}.{key}"] = {"value": v.item(), "dtype": str(v.dtype).removeprefix("torch.")}
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_state(optimizer, tensors, meta):
+    state = {}
+    for key, t in tensors.items():
+        _, i, name = key.split(".", 2)
+        state.setdefault(int(i), {})[name] = t
+    for key, s in meta["scalars"].items():
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = torch.tensor(s["value"], dtype=getattr(torch, s["dtype"]))
+    groups = [{**g, "betas": tuple(g["betas"])} for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(out_dir, step, model, named_params, optimizer, scheduler, cfg, on_save=None):
+    """Write out_dir/checkpoint/ atomically (see the module docstring); returns its path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final, old = out_dir / CHECKPOINT, out_dir / f"{CHECKPOINT}.old"
+    tmp = out_dir / f".{CHECKPOINT}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)  # the leftover of an earlier crash
+    tmp.mkdir()
+    try:
+        save_file({n: p.detach().cpu().contiguous() for n, p in named_params}, tmp / "trainable.safetensors")
+        opt_tensors, opt_meta = optimizer_state(optimizer)
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        rng_tensors, rng_meta = rng_state()
+        save_file(rng_tensors, tmp / "rng.safetensors")
+        meta = {"format": "minipeft-checkpoint", "version": 1, "step": step, "config": asdict(cfg),
+                "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta}  # fmt: skip
+        (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1, default=str))
+        if on_save is not None:
+            on_save(model, tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync(f)
+        _fsync(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint was never touched
+        raise
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)  # checkpoint/ is good, so an old .old is stale
+        os.replace(final, old)  # 1. the previous checkpoint steps aside, still complete
+    os.replace(tmp, final)  # 2. the new one takes its name
+    _fsync(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(out_dir):
+    for name in (CHECKPOINT, f"{CHECKPOINT}.old"):  # .old alone: a crash came between the two renames
+        if (Path(out_dir) / name / "trainer_state.json").is_file():
+            return Path(out_dir) / name
+    return None
+
+
+def load_checkpoint(path, named_params, optimizer, scheduler):
+    """Check, then restore parameters, optimizer, scheduler and RNGs from `path`; returns the trainer state."""
+    files = []
+    for name in ("trainer_state.json", "trainable.safetensors", "optimizer.safetensors", "rng.safetensors"):
+        try:
+            files.append(json.loads((path / name).read_text()) if name.endswith("json") else load_file(path / name))
+        except Exception as e:  # missing, truncated or corrupt
+            raise ValueError(f"cannot read checkpoint file {path / name}: {e}") from e
+    state, weights, opt_tensors, rng_tensors = files
+    have = {n: tuple(p.shape) for n, p in named_params}
+    saved = {n: tuple(t.shape) for n, t in weights.items()}
+    for n in sorted(have.keys() | saved.keys()):
+        if have.get(n) != saved.get(n):
+            raise ValueError(
+                f"cannot resume from {path}: trainable parameter {n!r} has shape "
+                f"{saved.get(n, 'missing')} in the checkpoint and {have.get(n, 'missing')} in the model"
+            )
+    names_now = [g["param_names"] for g in optimizer.param_groups]
+    names_saved = [g["param_names"] for g in state["optimizer"]["param_groups"]]
+    if names_now != names_saved:
+        raise ValueError(
+            f"cannot resume from {path}: its optimizer groups {names_saved} differ from this run's {names_now} "
+            "(were lora_plus_ratio or weight_decay changed?)"
+        )
+    with torch.no_grad():
+        for n, p in named_params:
+            p.copy_(weights[n])
+    load_optimizer_state(optimizer, opt_tensors, state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(rng_tensors, state["rng"])
+    return state
+
+
+# ----------------------------------------------------------------------------------------- the loop
+
+
+def train(model, train_data, val_data, cfg, *, resume=False, on_save=None):
+    """Train whatever in `model` requires grad; returns the metrics (also written to out_dir/metrics.json).
+
+    val_data may be None (no evaluation). resume=True continues from out_dir/checkpoint/. on_save(model, path)
+    is called inside each checkpoint before it is committed, so what it writes is part of the atomic save.
+    """
+    named = trainable_parameters(model)
+    if not named:
+        raise ValueError("the model has no trainable parameters (none has requires_grad=True): nothing to train")
+    device = torch.device(cfg.device) if cfg.device else named[0][1].device
+    off = [f"{n} ({p.device})" for n, p in named if p.device.type != device.type]
+    if off:
+        raise ValueError(f"TrainConfig.device is {device} but {off[0]} is not: move the model first, model.to()")
+    if len(train_data) < cfg.batch_size:
+        raise ValueError(f"batch_size={cfg.batch_size} is larger than the training set ({len(train_data)} examples)")
+    out_dir = Path(cfg.out_dir) if cfg.out_dir is not None else None
+    if resume and out_dir is None:
+        raise ValueError("resume=True needs TrainConfig.out_dir, the directory holding checkpoint/")
+    ckpt = find_checkpoint(out_dir) if resume else None  # the last good checkpoint, all along
+    if resume and ckpt is None:
+        raise FileNotFoundError(f"resume=True but there is no checkpoint in {out_dir}")
+    auto_bf16 = device.type == "cuda" and named[0][1].dtype == torch.float32
+    bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and auto_bf16)
+
+    optimizer = build_optimizer(named, cfg, device)
+    warmup = cfg.warmup_steps or round(cfg.warmup_ratio * cfg.steps)
+    schedule = lambda s: lr_multiplier(s, cfg.steps, warmup, cfg.min_lr_ratio)  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    metrics, start = {"train": [], "eval": []}, 0
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, named, optimizer, scheduler)
+        start = state["step"]
+        changed = [k for k in ("steps", "lr", "batch_size", "grad_accum", "seed", "warmup_steps")
+                   if state["config"].get(k) != getattr(cfg, k)]  # fmt: skip
+        if changed:
+            warnings.warn(
+                f"resuming with changed {changed}: the run will differ from an uninterrupted one", stacklevel=2
+            )
+        if (out_dir / "metrics.json").is_file():  # keep what was logged up to the checkpoint
+            logged = json.loads((out_dir / "metrics.json").read_text())
+            metrics = {k: [e for e in logged.get(k, []) if e["step"] <= start] for k in metrics}
+    else:
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # CPU and every CUDA device
+
+    stream = batch_stream(train_data, cfg.batch_size, cfg.seed, start=start * cfg.grad_accum)
+    params = [p for _, p in named]
+    show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+    bar = tqdm(total=cfg.steps, initial=start, disable=not show, dynamic_ncols=True, desc="train")
+    was_training, loss, tokens, seconds = model.training, None, 0, 0.0
+    model.train()
+    try:
+        for step in range(start + 1, cfg.steps + 1):  # `step` optimizer steps are done once this one is
+            t0 = time.perf_counter()
+            micro = [next(stream) for _ in range(cfg.grad_accum)]
+            n_total, loss = sum(num_targets(b) for b in micro), 0.0
+            for b in micro:
+                if (n := num_targets(b)) == 0:
+                    continue
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss_i = batch_loss(model, b, device)
+                if not math.isfinite(loss_i.item()):  # stop before the bad gradients reach any weight
+                    kept = f"the last good checkpoint at {ckpt} was kept" if ckpt else "no checkpoint was saved yet"
+                    raise NonFiniteLossError(f"non-finite loss {loss_i.item()} at step {step}; stopped, {kept}")
+                (loss_i * (n / n_total)).backward()
+                loss += loss_i.item() * n / n_total
+                mask = b["attention_mask"]
+                tokens += b["input_ids"].numel() if mask is None else int(mask.sum())
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
+            lr = optimizer.param_groups[0]["lr"]  # the lr this step uses
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds += time.perf_counter() - t0
+            bar.update(1)
+            write = False
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                entry = dict(step=step, loss=loss, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tokens / seconds)
+                metrics["train"].append(entry)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / seconds:.0f}")
+                tokens, seconds, write = 0, 0.0, True
+            if val_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+                val_loss, val_ppl = evaluate(
+                    model, val_data, cfg.batch_size, cfg.eval_batches, device=device, bf16=bf16
+                )
+                metrics["eval"].append({"step": step, "val_loss": val_loss, "val_ppl": val_ppl})
+                write = True
+            if out_dir is not None and write:  # before the checkpoint: resume drops entries after its step
+                out_dir.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(metrics, out_dir / "metrics.json")
+            if out_dir is not None and ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps):
+                ckpt = save_checkpoint(out_dir, step, model, named, optimizer, scheduler, cfg, on_save)
+    finally:
+        bar.close()
+        model.train(was_training)
+    last = metrics["eval"][-1] if metrics["eval"] else {}
+    return {**metrics, "loss": loss, "val_loss": last.get("val_loss"), "val_ppl": last.get("val_ppl"),
+            "checkpoint": str(ckpt) if ckpt else None}  # fmt: skip
