@@ -31,11 +31,19 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .lora import LoraConfig, inject_lora
+from .adapter import AdapterConfig
+from .lora import LoraConfig, combine_adapters, inject_lora
 from .model import ModelOutput, generate
+from .prefix import PrefixTuningConfig
+from .prompt import PromptTuningConfig
 
-CONFIG_CLASSES = {"LORA": LoraConfig}  # peft_type -> config class; other methods register below
-PROMPT_LEARNING = set()  # peft_types that own a prompt_encoder module instead of wrapping layers
+CONFIG_CLASSES = {  # peft_type -> config class
+    "LORA": LoraConfig,
+    "BOTTLENECK": AdapterConfig,
+    "PREFIX_TUNING": PrefixTuningConfig,
+    "PROMPT_TUNING": PromptTuningConfig,
+}
+PROMPT_LEARNING = {"PREFIX_TUNING", "PROMPT_TUNING"}  # they own a prompt_encoder module instead of wrapping layers
 # metadata, and settings that only matter when a feature we do not have is switched on elsewhere in the file
 METADATA_KEYS = {
     "peft_type",
@@ -201,6 +209,43 @@ class PeftModel(nn.Module):
                     out[f"base_model.model.{name}.{k}"] = p
         return out
 
+    def add_weighted_adapter(self, adapters, weights, adapter_name, combination_type="svd", svd_rank=None):
+        """A new LoRA adapter from a weighted combination of existing ones ("cat", "linear" or "svd").
+
+        Returns {module name: squared Frobenius error of the rank truncation} (zeros except for "svd").
+        """
+        if combination_type not in ("cat", "linear", "svd"):
+            raise ValueError(f"unknown combination_type {combination_type!r}; valid: 'cat', 'linear', 'svd'")
+        if len(adapters) != len(weights) or not adapters:
+            raise ValueError(f"need one weight per adapter, got {len(adapters)} adapters and {len(weights)} weights")
+        unknown = [a for a in adapters if a not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapters {unknown}; adapters: {self.adapters}")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter name {adapter_name!r} already exists; adapters: {self.adapters}")
+        configs = [self.peft_config[a] for a in adapters]
+        if any(c.peft_type != "LORA" or c.use_dora for c in configs):
+            raise ValueError("add_weighted_adapter combines plain LoRA adapters only (not DoRA or other methods)")
+        ranks = [c.r for c in configs]
+        if combination_type == "linear" and len(set(ranks)) != 1:
+            raise ValueError(f"combination_type 'linear' needs adapters of one rank, got ranks {ranks}")
+        r = (
+            sum(ranks)
+            if combination_type == "cat"
+            else svd_rank or max(ranks)
+            if combination_type == "svd"
+            else ranks[0]
+        )
+        config = LoraConfig(r=r, lora_alpha=r, target_modules=configs[0].target_modules,
+                            base_model_name_or_path=configs[0].base_model_name_or_path)  # fmt: skip
+        errors = {}
+        for name, layer in self.tuner_layers():
+            if any(a in layer.lora_A for a in adapters):
+                errors[name] = combine_adapters(layer, adapters, weights, adapter_name, combination_type, config)
+        self.peft_config[adapter_name] = config
+        self.set_adapter(self.active_adapter)  # only the active adapter stays trainable
+        return errors
+
     # ----- running -----
     def forward(
         self,
@@ -336,12 +381,32 @@ class PeftModel(nn.Module):
         for _, layer in self._lora_layers("unmerge_adapter()"):
             layer.unmerge()
 
-    def merge_and_unload(self):
-        """Replace every LoRA layer by a plain nn.Linear holding W' (the active adapter); return the base model."""
+    def merge_and_unload(self, requantize=False):
+        """Replace every LoRA layer by a plain nn.Linear holding W' (the active adapter); return the base model.
+
+        On a 4-bit (QLoRA) base, W' = dequantize(W_nf4) + sBA is computed in full precision, so the result is a
+        full-precision model that equals the adapted model exactly. requantize=True quantizes W' back to NF4
+        (same blocksize and double quantization): smaller, but no longer exact. The price is recorded in
+        self.merge_report[name] = {"requantize_error": ||Q(W') - W'||, "delta_norm": ||sBA||}: when the first is
+        not small next to the second, re-quantizing throws away much of what the adapter learned.
+        """
+        self.merge_report = {}
         for name, layer in self._lora_layers("merge_and_unload()"):
             if layer.merged_adapters:
                 layer.unmerge()
-            self.replace_module(name, layer.merged_linear())
+            merged = layer.merged_linear()
+            q = getattr(layer.base_layer, "qweight", None)  # an NF4Linear base
+            if requantize and q is not None:
+                from .nf4 import NF4Linear
+
+                requantized = NF4Linear.from_linear(merged, blocksize=q.blocksize, double_quant=q.nested)
+                with torch.no_grad():
+                    self.merge_report[name] = {
+                        "requantize_error": (requantized.dequantize() - merged.weight).norm().item(),
+                        "delta_norm": (merged.weight - layer.base_weight()).norm().item(),
+                    }
+                merged = requantized
+            self.replace_module(name, merged)
         return self.base_model
 
     def unload(self):
@@ -447,7 +512,7 @@ def load_into(params, state, source):
 def get_peft_model(model, config, adapter_name="default", tokenizer=None) -> PeftModel:
     """Freeze every base parameter, add the adapter described by config, and return the PeftModel."""
     if config.peft_type not in CONFIG_CLASSES:
-        raise ValueError(f"unknown method {type(config).__name__}; supported peft_types: {sorted(CONFIG_CLASSES)}")
+        raise ValueError(f"unknown method {type(config).__name__}; supported peft_types: {list(CONFIG_CLASSES)}")
     if isinstance(model, PeftModel):
         raise ValueError("model is already a PeftModel: use peft_model.add_adapter(name, config) instead")
     for p in model.parameters():
