@@ -38,6 +38,7 @@ variants add.
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
+import torch
 import torch.nn as nn
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -92,7 +93,8 @@ class AdapterLayer(nn.Module):
             raise ValueError(f"adapter {name!r} already exists on this layer")
         base = self.base_layer  # nn.Linear, or a 4-bit NF4Linear (dequantized once here for its dtype and device)
         w = base.dequantize() if hasattr(base, "dequantize") else base.weight
-        kw = dict(device=w.device, dtype=w.dtype)
+        # float32 adapters on a bf16/fp16 base, as for LoRA: small AdamW updates vanish in 16 bits
+        kw = dict(device=w.device, dtype=torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype)
         D, b = self.out_features, config.bottleneck_size
         self.adapter_down[name] = nn.Linear(D, b, **kw)  # kaiming-uniform(a=sqrt(5)) weight, uniform bias
         self.adapter_up[name] = nn.Linear(b, D, **kw)

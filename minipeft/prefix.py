@@ -106,7 +106,9 @@ class PrefixTuningConfig:
                 f"num_virtual_tokens={self.num_virtual_tokens} leaves no room for a real token in the context of "
                 f"max_position_embeddings={cfg.max_position_embeddings}"
             )
-        return PrefixEncoder(self, device=model.device, dtype=model.dtype)
+        # trained in float32 even on a bf16/fp16 model (small AdamW updates vanish in 16 bits); cast when used
+        dtype = torch.float32 if model.dtype in (torch.float16, torch.bfloat16) else model.dtype
+        return PrefixEncoder(self, device=model.device, dtype=dtype)
 
 
 class PrefixEncoder(nn.Module):

@@ -118,7 +118,9 @@ class PromptTuningConfig:
             init_ids = (ids * math.ceil(P / len(ids)))[:P]  # repeat, then truncate to P (as PEFT)
         elif self.prompt_tuning_init == "SAMPLE_VOCAB" and not self.inference_mode:
             init_ids = torch.randint(0, cfg.vocab_size, (self.num_virtual_tokens,)).tolist()
-        encoder = PromptEncoder(self.num_virtual_tokens, cfg.hidden_size, device=model.device, dtype=model.dtype)
+        # trained in float32 even on a bf16/fp16 model (small AdamW updates vanish in 16 bits); cast when used
+        dtype = torch.float32 if model.dtype in (torch.float16, torch.bfloat16) else model.dtype
+        encoder = PromptEncoder(self.num_virtual_tokens, cfg.hidden_size, device=model.device, dtype=dtype)
         if init_ids is not None:
             with torch.no_grad():
                 embed = model.model.embed_tokens.weight
