@@ -380,9 +380,11 @@ def main(argv=None):
         "quantize": cmd_quantize,
         "download": cmd_download,
     }[args.command]
+    from .train import NonFiniteLossError
+
     try:
         command(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:  # our own clear errors: no traceback
+    except (ValueError, FileNotFoundError, KeyError, NonFiniteLossError) as e:  # our own clear errors: no traceback
         if os.environ.get("MINIPEFT_DEBUG"):
             raise
         raise SystemExit(f"error: {e}") from None

@@ -399,12 +399,16 @@ def train(model, train_data, val_data, cfg, *, resume=False, on_save=None):
                 entry = dict(step=step, loss=loss, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tokens / seconds)
                 metrics["train"].append(entry)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / seconds:.0f}")
+                if not show and cfg.progress is None:  # no terminal for a bar (a log file, CI): plain lines
+                    print(f"step {step}/{cfg.steps}  loss {loss:.4f}  lr {lr:.2e}  {tokens / seconds:.0f} tok/s")
                 tokens, seconds, write = 0, 0.0, True
             if val_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
                 val_loss, val_ppl = evaluate(
                     model, val_data, cfg.batch_size, cfg.eval_batches, device=device, bf16=bf16
                 )
                 metrics["eval"].append({"step": step, "val_loss": val_loss, "val_ppl": val_ppl})
+                if cfg.progress is not False:
+                    tqdm.write(f"step {step}: held-out loss {val_loss:.4f} (ppl {val_ppl:.1f})")
                 write = True
             if out_dir is not None and write:  # before the checkpoint: resume drops entries after its step
                 out_dir.mkdir(parents=True, exist_ok=True)
