@@ -113,6 +113,9 @@ def _load_hf_dir(directory, dtype):
             raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from None
     with torch.device("meta"):
         model = Transformer(cfg)
+    nf4_suffix = ".weight.quant_state.bitsandbytes__nf4"  # bitsandbytes' 4-bit layers (minipeft quantize)
+    for key in [k for h in handles for k in h.keys() if k.endswith(nf4_suffix)]:
+        _nf4_placeholder(model, key.removesuffix(nf4_suffix), next(h for h in handles if key in h.keys()), key)
     keys = _check_weights(model, {k: tuple(h.get_slice(k).get_shape()) for h in handles for k in h.keys()}, directory)
     tensors = {k: h.get_tensor(k) for h in handles for k in h.keys() if k in keys}
     tok = Tokenizer.from_file(directory) if (directory / "tokenizer.json").is_file() else None
@@ -184,14 +187,31 @@ def _check_weights(model, shapes, source):
             f"missing {missing[:6]}, unexpected {unexpected[:6]} (at most 6 of each shown)"
         )
     for k, shape in expected.items():
-        if got[k] != shape:
+        if got[k] != shape and not k.endswith("bitsandbytes__nf4"):  # that one is JSON text: any length
             raise ValueError(f"{source}: {k} has shape {got[k]} in the checkpoint, but {shape} in the config")
     return set(expected)
 
 
+def nf4_layers(model):
+    return {n: m for n, m in model.named_modules() if type(m).__name__ == "NF4Linear"}
+
+
+def _nf4_placeholder(model, name, handle, key):
+    """Swap the meta Linear `name` for an NF4Linear shaped like the checkpoint's (its loader fills it in)."""
+    from .nf4 import NF4Linear
+
+    meta = json.loads(bytes(handle.get_tensor(key).tolist()))
+    linear = model.get_submodule(name)
+    layer = NF4Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="cpu",
+                      blocksize=meta["blocksize"], double_quant="nested_offset" in meta, dtype=getattr(torch, meta["dtype"]))  # fmt: skip
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, layer)
+
+
 def _assign(model, tensors, dtype):
     """Put checked tensors into the meta-device model, tie lm_head, make inv_freq real again."""
-    tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    keep = tuple(f"{n}." for n in nf4_layers(model))  # 4-bit codes and float32 statistics stay as stored
+    tensors = {k: v if k.startswith(keep) else v.to(dtype) for k, v in tensors.items()}
     tied = model.config.tie_word_embeddings
     if tied:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
@@ -324,6 +344,19 @@ def save_pretrained(model, path, tokenizer=None):
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} exists and is not a directory")
     config = config_to_hf(model.config, model.dtype)
+    if quantized := nf4_layers(model):  # a 4-bit model: record it the way transformers + bitsandbytes do
+        q = next(iter(quantized.values())).qweight
+        dense = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        config["quantization_config"] = {
+            "quant_method": "bitsandbytes",
+            "load_in_4bit": True,
+            "load_in_8bit": False,
+            "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": q.nested,
+            "bnb_4bit_compute_dtype": str(q.dtype).removeprefix("torch."),
+            "bnb_4bit_quant_storage": "uint8",
+            "llm_int8_skip_modules": dense,
+        }
     tied = model.config.tie_word_embeddings
     tensors = {
         k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")

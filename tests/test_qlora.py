@@ -83,3 +83,26 @@ def test_merge_on_4bit_base_is_exact_in_full_precision_and_requantizing_costs():
     report = q.merge_report
     assert len(report) == 14 and all(r["requantize_error"] > 0 and r["delta_norm"] > 0 for r in report.values())
     assert (requantized(ids).logits - adapted).abs().max() > 1e-6  # no longer exact
+
+
+# bitsandbytes 0.50's CPU dequantization is wrong when blocks cross rows (in_features % blocksize != 0 on AVX-512
+# machines), so every in_features here is a multiple of the blocksize; our own round trip has no such limit.
+@pytest.mark.parametrize("blocksize, double_quant, hidden", [(64, True, 64), (64, False, 64), (128, True, 128)])
+def test_4bit_checkpoint_round_trips_and_loads_in_transformers_bitsandbytes(tmp_path, blocksize, double_quant, hidden):
+    import transformers
+
+    from minipeft.checkpoint import load_pretrained, save_pretrained
+
+    base = tiny_model(dtype=torch.float32, hidden_size=hidden, intermediate_size=2 * hidden)
+    model = quantize_model(base, blocksize, double_quant)
+    ids = batch()["input_ids"]
+    ref = model(ids).logits.detach()
+    save_pretrained(model, tmp_path)
+    ours, _ = load_pretrained(tmp_path)
+    assert sum(isinstance(m, NF4Linear) for m in ours.modules()) == 14
+    torch.testing.assert_close(ours(ids).logits, ref, rtol=0, atol=0)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(hf.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    hf.train()  # bitsandbytes' eval-mode CPU kernel repacks the weight and rounds differently
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ref, rtol=1e-5, atol=1e-5)
