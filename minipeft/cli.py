@@ -64,12 +64,12 @@ def build_parser():
     g.add_argument("--prefix-projection", action="store_true")
     g.add_argument("--init-text", default=None, help="prompt tuning: initialise the soft prompt from this text")
     g = f.add_argument_group("training")
-    g.add_argument("--steps", type=positive_int, default=120)
+    g.add_argument("--steps", type=positive_int, default=60)
     g.add_argument("--lr", type=float, default=None, help="default: 2e-3 for adapters, 5e-5 for full")
     g.add_argument("--batch-size", type=positive_int, default=8)
     g.add_argument("--grad-accum", type=positive_int, default=1)
     g.add_argument("--seq-len", type=positive_int, default=128)
-    g.add_argument("--eval-every", type=int, default=40)
+    g.add_argument("--eval-every", type=int, default=20)
     g.add_argument("--save-every", type=int, default=0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--grad-checkpoint", action="store_true", help="recompute blocks in backward: less memory")
@@ -238,7 +238,8 @@ def cmd_finetune(args):
     if args.method == "qlora":
         check_blocksize(args.blocksize)
 
-    # 2. Load the model and the data.
+    # 2. Load the model and the data. Seeded first: the adapter's initial weights come from the global RNG.
+    torch.manual_seed(args.seed)
     t0 = time.time()
     model, tokenizer = load_pretrained(args.model, dtype=dtype, device=device)
     if tokenizer is None:
@@ -268,7 +269,7 @@ def cmd_finetune(args):
         m.save_pretrained(os.path.join(path, "adapter")) if config is not None else None
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "command.txt").write_text(shlex.join(["minipeft", *sys.argv[1:]]) + "\n")
+    (out / "command.txt").write_text(shlex.join(["minipeft", *map(str, args.argv)]) + "\n")
     metrics = train(model, train_data, val_data, tcfg, resume=args.resume, on_save=on_save)
     after, _ = evaluate(model, val_data, args.batch_size, 20, device=device)
 
@@ -372,7 +373,9 @@ def cmd_download(args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the exact command, written into the run directory
     command = {
         "finetune": cmd_finetune,
         "generate": cmd_generate,

@@ -81,11 +81,11 @@ def test_resume_gives_the_same_adapter_as_one_run(tmp_path, monkeypatch):
     calls = [0]
     real = train_module.batch_loss
 
-    def crash_at_step_5(*a, **k):
-        calls[0] += 1
-        if calls[0] == 5:
+    def crash_at_step_5(model, *a, **k):
+        calls[0] += model.training  # training steps only, not evaluation batches
+        if model.training and calls[0] == 5:
             raise KeyboardInterrupt("simulated crash")
-        return real(*a, **k)
+        return real(model, *a, **k)
 
     monkeypatch.setattr(train_module, "batch_loss", crash_at_step_5)
     with pytest.raises(KeyboardInterrupt):
@@ -101,10 +101,10 @@ def test_non_finite_loss_stops_cleanly(tmp_path, monkeypatch):
     real = train_module.batch_loss
     calls = [0]
 
-    def nan_at_step_4(*a, **k):
-        calls[0] += 1
-        loss = real(*a, **k)
-        return loss * float("nan") if calls[0] == 4 else loss
+    def nan_at_step_4(model, *a, **k):
+        calls[0] += model.training  # training steps only, not evaluation batches
+        loss = real(model, *a, **k)
+        return loss * float("nan") if model.training and calls[0] == 4 else loss
 
     monkeypatch.setattr(train_module, "batch_loss", nan_at_step_4)
     with pytest.raises(SystemExit, match="error: non-finite loss nan at step 4.*last good checkpoint"):
