@@ -36,21 +36,31 @@ EOT = "<|endoftext|>"  # document separator; also bos, eos and pad of the tokeni
 
 # Shakespeare's non-dramatic works: kept out of pretraining (the Sonnets are the fine-tuning data; the
 # narrative poems are close to them in form, so leaving them out keeps the adaptation a real one).
-POEMS = ("sonnets", "lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle", "rape_of_lucrece",
-         "venus_and_adonis")
+POEMS = (
+    "sonnets",
+    "lovers_complaint",
+    "passionate_pilgrim",
+    "phoenix_and_the_turtle",
+    "rape_of_lucrece",
+    "venus_and_adonis",
+)
 HELD_OUT = ("julius_caesar", "twelfth_night")  # a tragedy and a comedy, about 5% of the plays' text
 
-GUTENBERG_START = re.compile(r"^\s*\*{3}\s*START OF (THE|THIS) PROJECT GUTENBERG.*$|^\*END\*THE SMALL PRINT.*$",
-                             re.IGNORECASE | re.MULTILINE)
-GUTENBERG_END = re.compile(r"^\s*\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG.*$"
-                           r"|^\s*End of (the )?Project Gutenberg.*$", re.IGNORECASE | re.MULTILINE)
+GUTENBERG_START = re.compile(
+    r"^\s*\*{3}\s*START OF (THE|THIS) PROJECT GUTENBERG.*$|^\*END\*THE SMALL PRINT.*$", re.IGNORECASE | re.MULTILINE
+)
+GUTENBERG_END = re.compile(
+    r"^\s*\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG.*$"
+    r"|^\s*End of (the )?Project Gutenberg.*$",
+    re.IGNORECASE | re.MULTILINE,
+)
 
 
 def strip_gutenberg(text):
     """Cut everything up to the last start marker and from the first end marker, when there are any."""
     starts = list(GUTENBERG_START.finditer(text))
     if starts:
-        text = text[starts[-1].end():]
+        text = text[starts[-1].end() :]
     end = GUTENBERG_END.search(text)
     if end:
         text = text[: end.start()]
@@ -83,8 +93,17 @@ def roman_to_int(s):
 
 def int_to_roman(n):
     out = ""
-    for value, numeral in ((100, "C"), (90, "XC"), (50, "L"), (40, "XL"), (10, "X"), (9, "IX"), (5, "V"),
-                           (4, "IV"), (1, "I")):
+    for value, numeral in (
+        (100, "C"),
+        (90, "XC"),
+        (50, "L"),
+        (40, "XL"),
+        (10, "X"),
+        (9, "IX"),
+        (5, "V"),
+        (4, "IV"),
+        (1, "I"),
+    ):
         while n >= value:
             out, n = out + numeral, n - value
     return out
@@ -103,7 +122,7 @@ def split_sonnets(text):
     for n, (h, nxt) in enumerate(zip(heads, heads[1:] + [None]), start=1):
         if roman_to_int(h.group(1)) != n:
             misprinted.append((n, h.group(1)))
-        body = text[h.end(): nxt.start() if nxt else len(text)].strip("\n")
+        body = text[h.end() : nxt.start() if nxt else len(text)].strip("\n")
         sonnets.append((n, [line for line in body.split("\n") if line.strip()]))
     if len(misprinted) > 2:
         raise ValueError(f"sonnet headings out of order: {misprinted}")

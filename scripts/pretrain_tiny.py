@@ -45,8 +45,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data-dir", type=Path, default=REPO / ".device" / "data",
-                    help="train.txt, val.txt, tokenizer.json from scripts/prepare_data.py")
+    ap.add_argument(
+        "--data-dir",
+        type=Path,
+        default=REPO / ".device" / "data",
+        help="train.txt, val.txt, tokenizer.json from scripts/prepare_data.py",
+    )
     ap.add_argument("--out", type=Path, default=REPO / ".device" / "tiny-shakespeare")
     # the model (vocab_size comes from the tokenizer)
     ap.add_argument("--hidden-size", type=int, default=256)
@@ -66,13 +70,21 @@ def parse_args():
     ap.add_argument("--dropout", type=float, default=0.3, help="residual dropout (training only, see above)")
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--eval-every", type=int, default=100)
-    ap.add_argument("--max-minutes", type=float, default=None,
-                    help="time budget: at step 120 (inside the warmup) --steps is lowered to what fits, and "
-                         "training stops, keeping the best, if it still runs over")
+    ap.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="time budget: at step 120 (inside the warmup) --steps is lowered to what fits, and "
+        "training stops, keeping the best, if it still runs over",
+    )
     # the machine
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
-                    help="autocast dtype; default bfloat16 on CUDA, float32 on CPU (weights stay float32)")
+    ap.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        default=None,
+        help="autocast dtype; default bfloat16 on CUDA, float32 on CPU (weights stay float32)",
+    )
     ap.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--sample-prompt", default="ROMEO:")
@@ -87,7 +99,7 @@ def load_tokens(path, tok):
 def get_batch(data, batch_size, seq_len, generator):
     """B random windows of T + 1 tokens: the model predicts tokens 1..T from 0..T-1 (labels shift inside)."""
     starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=generator)
-    return torch.stack([data[s: s + seq_len + 1] for s in starts])  # (B, T + 1)
+    return torch.stack([data[s : s + seq_len + 1] for s in starts])  # (B, T + 1)
 
 
 @torch.no_grad()
@@ -95,10 +107,10 @@ def evaluate(model, data, seq_len, batch_size, device, amp_dtype):
     """Mean next-token loss over every token of `data`, in non-overlapping windows of seq_len + 1."""
     model.eval()
     n = (len(data) - 1) // seq_len
-    windows = torch.stack([data[i * seq_len: i * seq_len + seq_len + 1] for i in range(n)])  # (n, T + 1)
+    windows = torch.stack([data[i * seq_len : i * seq_len + seq_len + 1] for i in range(n)])  # (n, T + 1)
     total, count = 0.0, 0
     for i in range(0, n, batch_size):
-        x = windows[i: i + batch_size].to(device)
+        x = windows[i : i + batch_size].to(device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss = model(x, labels=x).loss
         total += loss.item() * x.size(0) * seq_len
@@ -160,8 +172,11 @@ def save_hf(model, tok, args, out, log):
     lm_head.weight anyway (it re-ties it on load), so it is left out."""
     out.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, args.save_dtype)
-    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()
-             if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
+    state = {
+        k: v.detach().to("cpu", dtype).contiguous()
+        for k, v in model.state_dict().items()
+        if not (k == "lm_head.weight" and model.config.tie_word_embeddings)
+    }
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config(model.config, args.save_dtype, tok), indent=2) + "\n")
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -181,7 +196,8 @@ def main():
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     amp_dtype = {"bfloat16": torch.bfloat16, "float32": None, None: None}[
-        args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+        args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    ]
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -210,13 +226,21 @@ def main():
 
     decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices and the (tied) embedding
     no_decay = [p for p in model.parameters() if p.dim() < 2]  # RMSNorm weights
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        fused=device.type == "cuda",
+    )
     gen = torch.Generator().manual_seed(args.seed)
 
-    log = {"args": {k: str(v) for k, v in vars(args).items()}, "parameters": n_params,
-           "train_tokens": len(train), "val_tokens": len(val), "evals": []}
+    log = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "parameters": n_params,
+        "train_tokens": len(train),
+        "val_tokens": len(val),
+        "evals": [],
+    }
     best = (float("inf"), -1, None)  # (held-out loss, step, weights on the CPU)
     t0 = time.time()
     for step in range(args.steps + 1):
@@ -224,8 +248,10 @@ def main():
             val_loss = evaluate(model, val, args.seq_len, args.batch_size, device, amp_dtype)
             elapsed = time.time() - t0
             log["evals"].append({"step": step, "val_loss": round(val_loss, 4), "seconds": round(elapsed, 1)})
-            print(f"step {step:6d}  held-out loss {val_loss:.4f}  ppl {math.exp(val_loss):8.2f}  {elapsed:6.0f}s",
-                  flush=True)
+            print(
+                f"step {step:6d}  held-out loss {val_loss:.4f}  ppl {math.exp(val_loss):8.2f}  {elapsed:6.0f}s",
+                flush=True,
+            )
             if val_loss < best[0]:
                 best = (val_loss, step, {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
             if args.max_minutes is not None and elapsed > 60 * args.max_minutes and step < args.steps:
@@ -240,8 +266,11 @@ def main():
             fit = step + 1 + int((60 * args.max_minutes - (time.time() - t0)) / per_step * 0.95)
             if fit < args.steps:
                 same = "equals" if args.warmup >= step else "differs from"  # the warmup ignores --steps
-                print(f"{1000 * per_step:.1f} ms/step: --steps {args.steps} -> {fit} to fit --max-minutes; "
-                      f"this run {same} one started with --steps {fit}", flush=True)
+                print(
+                    f"{1000 * per_step:.1f} ms/step: --steps {args.steps} -> {fit} to fit --max-minutes; "
+                    f"this run {same} one started with --steps {fit}",
+                    flush=True,
+                )
                 args.steps = fit
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
@@ -259,14 +288,22 @@ def main():
 
     wall = time.time() - t0
     model.load_state_dict(best[2])
-    log.update(best_val_loss=round(best[0], 4), best_step=best[1], steps=args.steps, last_step=step, wall_seconds=round(wall, 1),
-               device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               torch=torch.__version__)
+    log.update(
+        best_val_loss=round(best[0], 4),
+        best_step=best[1],
+        steps=args.steps,
+        last_step=step,
+        wall_seconds=round(wall, 1),
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        torch=torch.__version__,
+    )
     samples = [sample(model, tok, args.sample_prompt, device, args.seed + i) for i in range(2)]
     log["samples"] = samples
     save_hf(model, tok, args, args.out, log)
-    print(f"best held-out loss {best[0]:.4f} (ppl {math.exp(best[0]):.2f}) at step {best[1]}; "
-          f"{step} steps in {wall:.0f}s; wrote {args.out}")
+    print(
+        f"best held-out loss {best[0]:.4f} (ppl {math.exp(best[0]):.2f}) at step {best[1]}; "
+        f"{step} steps in {wall:.0f}s; wrote {args.out}"
+    )
     for s in samples:
         print("-" * 60 + "\n" + s)
 
