@@ -134,7 +134,8 @@ class LoraLayer(nn.Module):
 
     def lora_forward(self, x, result, name):
         A, B, drop, s = self.lora_A[name], self.lora_B[name], self.lora_dropout[name], self.scaling[name]
-        x = x.to(A.weight.dtype)
+        if not torch.is_autocast_enabled(x.device.type):  # (under autocast the matmuls pick their dtype: no copy)
+            x = x.to(A.weight.dtype)  # float32 adapters on a 16-bit base
         if name not in self.lora_magnitude_vector:
             return result + (s * B(A(drop(x)))).to(result.dtype)
         # DoRA: (m/n - 1) * W x + (m/n) * s * B A x, with n detached (section 4.3 of the paper)

@@ -143,12 +143,10 @@ class Attention(nn.Module):
         if past_kv is not None:  # cached keys are stored already rotated; prefix-tuning keys are used as given
             k = torch.cat([past_kv[0].to(k.dtype), k], dim=2)  # (B, K, S, hd)
             v = torch.cat([past_kv[1].to(v.dtype), v], dim=2)
-        if self.n_kv_heads != self.n_heads:  # GQA: each kv head serves n_heads / n_kv_heads query heads
-            rep = self.n_heads // self.n_kv_heads
-            k_att, v_att = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        else:
-            k_att, v_att = k, v
-        y = F.scaled_dot_product_attention(q, k_att, v_att, attn_mask=mask, is_causal=mask is None and T > 1)
+        # GQA: each kv head serves n_heads / n_kv_heads query heads. enable_gqa lets SDPA share them without
+        # materialising repeated copies of k and v (what k.repeat_interleave(rep, dim=1) would do).
+        gqa = self.n_kv_heads != self.n_heads
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(y), (k, v)
 

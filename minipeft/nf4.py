@@ -183,12 +183,27 @@ def _block_absmax(q: NF4Weight) -> Tensor:  # (n_blocks,) float32, undoing doubl
     return (codes * q.nested_absmax[:, None]).reshape(-1)[:n_blocks] + q.offset
 
 
+_PAIR_TABLES = {}  # device -> (256, 2) float32: the two NF4 values each byte holds (high nibble first)
+
+
+def _pair_table(device) -> Tensor:
+    """Decoding a byte at a time halves the lookups, and keeping the table on the device avoids a host copy
+    (and a sync) per call: the two things that made the first version of _dequantize slow on a GPU."""
+    if device not in _PAIR_TABLES:
+        byte = torch.arange(256)
+        _PAIR_TABLES[device] = torch.stack([NF4_CODE[byte >> 4], NF4_CODE[byte & 0xF]], dim=-1).to(device)
+    return _PAIR_TABLES[device]
+
+
 def _dequantize(q: NF4Weight, dtype: torch.dtype) -> Tensor:
     n = q.shape.numel()
-    codes = torch.stack([q.packed >> 4, q.packed & 0xF], dim=-1).reshape(-1)[:n]  # (n,) in 0..15
-    values = _blocks(NF4_CODE.to(q.packed.device)[codes.long()], q.blocksize)  # (n_blocks, blocksize)
-    w = (values * _block_absmax(q)[:, None]).reshape(-1)[:n]  # float32 product, then one rounding to dtype
-    return w.to(dtype).reshape(q.shape)
+    values = _pair_table(q.packed.device)[q.packed.long()].reshape(-1)[:n]  # (n,) float32 code values
+    absmax = _block_absmax(q)  # (n_blocks,)
+    if n % q.blocksize == 0:  # whole blocks: a view, no padding copy
+        w = (values.view(-1, q.blocksize) * absmax[:, None]).reshape(-1)
+    else:
+        w = values * absmax.repeat_interleave(q.blocksize)[:n]
+    return w.to(dtype).reshape(q.shape)  # float32 product, then one rounding to dtype (as bitsandbytes)
 
 
 def dequantize_nf4(q: NF4Weight) -> Tensor:

@@ -175,11 +175,13 @@ class PeftModel(nn.Module):
         if adapter_name not in self.peft_config:
             raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {self.adapters}")
         self.active_adapter = adapter_name
-        for _, layer in self.tuner_layers():
+        for _, layer in self.tuner_layers():  # one pass over the model
             layer.active_adapter = adapter_name
-        for name in self.peft_config:
-            for p in self.adapter_parameters(name).values():
-                p.requires_grad_(name == adapter_name)
+            for name in layer.adapter_list():
+                for p in layer.adapter_state(name).values():
+                    p.requires_grad_(name == adapter_name)
+        for name, encoder in self.prompt_encoder.items():
+            encoder.requires_grad_(name == adapter_name)
 
     def delete_adapter(self, adapter_name):
         if adapter_name not in self.peft_config:

@@ -1,0 +1,52 @@
+"""The benchmark script runs: `--quick --device cpu` exits 0 and writes its JSON and markdown with every row.
+
+This checks that it runs and what it writes, not how fast anything is (the numbers come from a GPU run).
+"""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = ["full", "lora_qv", "lora_all", "qlora", "prefix", "prompt", "adapter"]
+
+
+def importable(*names):
+    return all(importlib.util.find_spec(n) is not None for n in names)
+
+
+def test_bench_finetune_quick_cpu(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_finetune.py"), "--quick", "--device", "cpu",
+           "--out", str(tmp_path), "--name", "quick"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "quick.json").read_text())
+    assert (tmp_path / "quick.md").read_text().startswith("# Fine-tuning benchmark")
+    assert res["shapes"] == ["tiny"] and res["methods"] == METHODS
+
+    rows = {(r["method"], r["side"]): r for r in res["rows"]}
+    sides = ["minipeft"] + (["hf"] if importable("transformers", "peft") else [])
+    for side in sides:
+        for method in METHODS:
+            if side == "hf" and method == "qlora" and not importable("bitsandbytes"):
+                continue
+            row = rows.get((method, side))
+            assert row is not None, f"no row for {side} {method}"
+            assert "error" not in row, f"{side} {method}: {row.get('error')}"
+            assert row["tokens_per_s"] > 0 and row["step_ms"] > 0
+            assert row["trainable_params"] > 0 and math.isfinite(row["loss_first"])
+    # the same weights and batch on both sides: the first loss agrees (a fair comparison computes the same thing)
+    if "hf" in sides:
+        for method in ("full", "lora_all"):
+            assert abs(rows[(method, "minipeft")]["loss_first"] - rows[(method, "hf")]["loss_first"]) < 1e-2
+    # trainable counts in closed form for the tiny shape: LoRA r=16 on q (64->64) and v (64->32), 2 layers
+    assert rows[("lora_qv", "minipeft")]["trainable_params"] == 2 * 16 * ((64 + 64) + (64 + 32))
+    assert rows[("prompt", "minipeft")]["trainable_params"] == 20 * 64
+    for extra in ("dequant", "generation", "swap"):
+        assert extra in res, res.get(extra + "_error")
+    assert res["dequant"]["minipeft"]["gbps"] > 0 and res["generation"]["minipeft_base"] > 0
