@@ -230,6 +230,7 @@ def cmd_finetune(args):
         grad_accum=args.grad_accum,
         warmup_ratio=0.05,
         eval_every=args.eval_every,
+        eval_batches=20,
         save_every=args.save_every,
         seed=args.seed,
         lora_plus_ratio=args.lora_plus,
@@ -271,7 +272,7 @@ def cmd_finetune(args):
     out.mkdir(parents=True, exist_ok=True)
     (out / "command.txt").write_text(shlex.join(["minipeft", *map(str, args.argv)]) + "\n")
     metrics = train(model, train_data, val_data, tcfg, resume=args.resume, on_save=on_save)
-    after, _ = evaluate(model, val_data, args.batch_size, 20, device=device)
+    after = metrics["val_loss"]  # train() ends with an evaluation over the same 20 held-out batches
 
     # 4. Save: the adapter (PEFT format) or, for full fine-tuning, the whole model (HF format).
     if config is not None:

@@ -11,17 +11,17 @@ from minipeft.checkpoint import load_pretrained
 from minipeft.cli import main
 from minipeft.peft import PeftModel
 
-FAST = ["--steps", "6", "--eval-every", "3", "--batch-size", "4", "--seq-len", "64"]
+FAST = ["--steps", "6", "--eval-every", "3", "--batch-size", "4", "--seq-len", "48"]
 
 
-def finetune(tmp_path, *extra, name="run"):
+def finetune(tmp_path, *extra, name="run", samples=False):
     out = tmp_path / name
-    main(["finetune", *FAST, "--out", str(out), *extra])
+    main(["finetune", *FAST, "--out", str(out), *extra, *([] if samples else ["--no-samples"])])
     return out
 
 
 def test_finetune_lora_writes_a_peft_adapter_and_learns(tmp_path, capsys):
-    out = finetune(tmp_path, "--steps", "30", "--eval-every", "15", "--lr", "3e-3")
+    out = finetune(tmp_path, "--steps", "30", "--eval-every", "15", "--lr", "3e-3", samples=True)
     text = capsys.readouterr().out
     assert "trainable params:" in text and "held-out loss: before" in text and "--- after:" in text
     assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
@@ -77,7 +77,7 @@ def test_mixed_batch_generation_from_the_command_line(tmp_path, capsys):
 
 
 def test_resume_gives_the_same_adapter_as_one_run(tmp_path, monkeypatch):
-    full = finetune(tmp_path, "--save-every", "3", "--no-samples", name="full")
+    full = finetune(tmp_path, "--save-every", "3", name="full")
     calls = [0]
     real = train_module.batch_loss
 
@@ -89,9 +89,9 @@ def test_resume_gives_the_same_adapter_as_one_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_module, "batch_loss", crash_at_step_5)
     with pytest.raises(KeyboardInterrupt):
-        finetune(tmp_path, "--save-every", "3", "--no-samples", name="crashed")
+        finetune(tmp_path, "--save-every", "3", name="crashed")
     monkeypatch.setattr(train_module, "batch_loss", real)
-    finetune(tmp_path, "--save-every", "3", "--no-samples", "--resume", name="crashed")
+    finetune(tmp_path, "--save-every", "3", "--resume", name="crashed")
     a = load_file(full / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "crashed" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -108,7 +108,7 @@ def test_non_finite_loss_stops_cleanly(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_module, "batch_loss", nan_at_step_4)
     with pytest.raises(SystemExit, match="error: non-finite loss nan at step 4.*last good checkpoint"):
-        finetune(tmp_path, "--save-every", "3", "--no-samples")
+        finetune(tmp_path, "--save-every", "3")
     assert (tmp_path / "run" / "checkpoint" / "adapter" / "adapter_model.safetensors").is_file()
 
 
@@ -125,7 +125,7 @@ def test_non_finite_loss_stops_cleanly(tmp_path, monkeypatch):
     ids=["full", "dora", "qlora", "adapter", "prefix", "prompt"],
 )
 def test_every_method_runs_and_generates(tmp_path, capsys, method):
-    out = finetune(tmp_path, "--steps", "2", "--eval-every", "0", "--no-samples", *method)
+    out = finetune(tmp_path, "--steps", "2", "--eval-every", "0", *method)
     written = out / ("model" if "full" in method else "adapter")
     assert written.is_dir()
     capsys.readouterr()

@@ -182,11 +182,11 @@ def test_chunked_cross_entropy_gradcheck_and_autocast():
     from minipeft.model import causal_lm_loss, chunked_causal_lm_loss
 
     g = torch.Generator().manual_seed(0)
-    h = torch.randn(2, 9, 16, dtype=torch.float64, generator=g, requires_grad=True)
-    w = torch.randn(30, 16, dtype=torch.float64, generator=g, requires_grad=True)
-    labels = torch.randint(0, 30, (2, 9), generator=g)
+    h = torch.randn(2, 7, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(11, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 7), generator=g)
     labels[0, :4] = -100
-    assert torch.autograd.gradcheck(lambda h, w: chunked_causal_lm_loss(h, w, labels, chunk=5), (h, w))
+    assert torch.autograd.gradcheck(lambda h, w: chunked_causal_lm_loss(h, w, labels, chunk=3), (h, w))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls, float32 softmax: close to the float64 value
         lossbf = chunked_causal_lm_loss(h.float(), w.float(), labels, chunk=4)
     assert lossbf.dtype == torch.float32

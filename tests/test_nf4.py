@@ -76,6 +76,15 @@ def bnb_dequantize_flat(packed, state):
         state.shape = shape
 
 
+def same_up_to_flushed_subnormals(ours, ref):
+    """Bit-equal, except that bnb's vectorised CPU kernel (on some paths) flushes subnormal results to zero,
+    where we keep the exact float32 product: e.g. bf16 weights of ~1e-39 in a partial block (found by hypothesis).
+    Only values below the smallest normal number may differ, and only as ref == 0."""
+    differ = ours != ref
+    tiny = torch.finfo(ours.dtype).tiny
+    return bool(((ref[differ] == 0) & (ours[differ].abs() < tiny)).all())
+
+
 def assert_same_as_bnb(w, blocksize, double_quant):
     packed, state = bnb_quantize(w, blocksize, double_quant)
     q = quantize_nf4(w, blocksize, double_quant)
@@ -89,7 +98,7 @@ def assert_same_as_bnb(w, blocksize, double_quant):
         assert torch.equal(q.nested_code, state.state2.code) and state.state2.blocksize == q.nested_blocksize
     w_hat = dequantize_nf4(q)
     assert w_hat.dtype == w.dtype and w_hat.shape == w.shape
-    assert torch.equal(w_hat, bnb_dequantize_flat(packed, state))
+    assert same_up_to_flushed_subnormals(w_hat, bnb_dequantize_flat(packed, state))
     if w.dim() == 2 and w.shape[1] % blocksize == 0:  # blocks within rows: bnb's 2-D kernel is right too
         assert torch.equal(w_hat, BF.dequantize_4bit(packed, state))
     return q
