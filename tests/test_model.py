@@ -191,3 +191,17 @@ def test_chunked_cross_entropy_gradcheck_and_autocast():
         lossbf = chunked_causal_lm_loss(h.float(), w.float(), labels, chunk=4)
     assert lossbf.dtype == torch.float32
     assert abs(lossbf.item() - causal_lm_loss(h @ w.T, labels).item()) < 0.05
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = tiny_model(dtype=torch.float64)
+    b = batch(pad_left=2)
+    kw = dict(labels=b["labels"], attention_mask=b["attention_mask"])
+    model(b["input_ids"], **kw).loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing = True
+    model.train()
+    model(b["input_ids"], **kw).loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], rtol=1e-12, atol=1e-15)
