@@ -1,0 +1,78 @@
+"""The lessons: every notebook runs top to bottom in a fresh kernel, and the set of lessons is what it claims.
+
+Each notebook is executed with nbclient with MINIPEFT_FAST=1 (fewer training steps; every cell still runs and
+every assert in it must hold). The other checks are about the files themselves: numbered 00, 01, ... without
+gaps, each listed in lessons/README.md, committed without outputs, and shaped as the lessons promise (a title,
+a Summary, exercises whose check cells run when unanswered).
+"""
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LESSONS = REPO / "lessons"
+NOTEBOOKS = sorted(LESSONS.glob("[0-9][0-9]_*.ipynb"))
+NAME = re.compile(r"(\d\d)_[a-z0-9_]+\.ipynb")
+EXERCISE = re.compile(r"=\s*None\s*#\s*your code")  # the learner's cell: answer = None  # your code
+
+
+def read(path):
+    import nbformat
+
+    return nbformat.read(path, as_version=4)
+
+
+def test_lessons_exist_and_are_numbered_from_00_without_gaps():
+    numbers = [int(p.name[:2]) for p in NOTEBOOKS]
+    assert numbers, "no lessons found in lessons/"
+    assert numbers == list(range(len(numbers))), f"lesson numbers must run 00, 01, ... without gaps: {numbers}"
+    assert all(NAME.fullmatch(p.name) for p in NOTEBOOKS), [p.name for p in NOTEBOOKS]
+
+
+def test_readme_lists_every_lesson_and_only_existing_ones():
+    readme = (LESSONS / "README.md").read_text(encoding="utf-8")
+    listed = {m.group(0) for m in NAME.finditer(readme)}
+    present = {p.name for p in NOTEBOOKS}
+    assert present - listed == set(), f"lessons missing from lessons/README.md: {sorted(present - listed)}"
+    assert listed - present == set(), f"lessons/README.md lists notebooks that do not exist: {sorted(listed - present)}"
+    assert 'pip install -e ".[lessons]"' in readme and "jupyter lab lessons/" in readme
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_committed_without_outputs(path):
+    nb = read(path)
+    dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count)]
+    assert not dirty, f"{path.name}: clear the outputs of cells {dirty} before committing"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_lesson_shape(path):
+    """A title naming the lesson, fixed seeds, a Summary, and at least two exercises with check cells."""
+    nb = read(path)
+    first = nb.cells[0]
+    assert first.cell_type == "markdown" and first.source.startswith(f"# {path.name[:2]}"), (
+        f"{path.name}: the first cell should be the title, '# {path.name[:2]} ...'"
+    )
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    markdown = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    assert "manual_seed" in code, f"{path.name}: no fixed seed (torch.manual_seed)"
+    assert re.search(r"^#+ .*Summary", markdown, re.M), f"{path.name}: no Summary section"
+    exercises = [c for c in nb.cells if c.cell_type == "code" and EXERCISE.search(c.source)]
+    assert len(exercises) >= 2, f"{path.name}: {len(exercises)} exercise cells ('... = None  # your code'), want 2-3"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_lesson_runs_top_to_bottom(path, monkeypatch):
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("MINIPEFT_FAST", "1")  # read by the kernel at start: fewer steps, the same cells
+    nb = read(path)
+    client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(LESSONS)}})
+    start = time.perf_counter()
+    client.execute()  # raises CellExecutionError, with the cell and its traceback, on the first failing cell
+    print(f"{path.name}: {time.perf_counter() - start:.1f}s")
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert printed.count("not answered yet") >= 2, f"{path.name}: the exercise checks should say 'not answered yet'"
