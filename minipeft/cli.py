@@ -95,6 +95,8 @@ def build_parser():
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
+                   help="wrap each prompt as a user message in the model's chat template (auto: if it has one)")  # fmt: skip
     g.add_argument("--device", default="auto")
     g.add_argument("--dtype", default="auto")
 
@@ -324,7 +326,14 @@ def cmd_generate(args):
             raise SystemExit(f"error: --use names {len(uses)} adapters for {len(prompts)} prompts")
         else:
             kw["adapter_names"] = uses
-    encoded = [tokenizer.encode(p) for p in prompts]
+    chat = args.chat == "on" or (args.chat == "auto" and getattr(tokenizer, "chat_template", None))
+    if chat:  # an instruct model answers a user message, not a bare continuation
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts
+        ]
+    else:
+        texts = prompts
+    encoded = [tokenizer.encode(t) for t in texts]
     T = max(len(e) for e in encoded)
     pad = tokenizer.pad_token_id or 0
     ids = torch.tensor([[pad] * (T - len(e)) + e for e in encoded], device=device)  # left padding
@@ -342,7 +351,7 @@ def cmd_generate(args):
         **kw,
     )
     for p, row in zip(prompts, out):
-        print(p + tokenizer.decode(row[T:].tolist()))
+        print(p + ("\n" if chat else "") + tokenizer.decode(row[T:].tolist()))
         print()
 
 
