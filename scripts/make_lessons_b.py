@@ -1198,8 +1198,8 @@ if not FAST:  # what the full run shows (a few fast-mode steps are too few to se
         md(r"""
 What the full run shows (the default settings; fast mode is too short to tell): the **random** prompt starts
 *closest* to the unprompted model but learns the slowest and ends the worst of the three. The **text** and
-**vocabulary** prompts start worse (they are real words, and the model reads them as such: a sonnet does not
-follow from a random handful of words) but move fast and end lower. One reason random learns slowly: Adam moves
+**vocabulary** prompts start worse (they are real words and the model reads them: a fixed line of text, or a
+handful of random words, in front of every block of a sonnet is not what it expects) but move fast and end lower. One reason random learns slowly: Adam moves
 every coordinate by about the learning rate per step, whatever its size, so at the same learning rate a vector of
 norm 16 changes far less, relative to its length, than one of norm 1 (section 5 measures it: in our full run the
 random prompt moved by 73% of its length, the text prompt by 359%). (Lester et al. trained their prompts with a
@@ -1271,7 +1271,7 @@ print("saved, loaded: same logits")
 """),
         md(r"""
 **Exercise 1.** How many trainable parameters does `PromptTuningConfig(num_virtual_tokens=8)` have on this
-model? And on SmolLM2-135M ($D = 576$)? Give the first.
+model?
 """),
         code("""
 answer_1 = None  # your code: an int
