@@ -345,33 +345,13 @@ class Transformer(nn.Module):
         return mask.expand(B, 1, T, S)
 
     @torch.no_grad()
-    def generate(
-        self,
-        input_ids,
-        max_new_tokens=32,
-        temperature=0.0,
-        top_k=None,
-        top_p=None,
-        eos_token_id=None,
-        attention_mask=None,
-        generator=None,
-    ):
+    def generate(self, input_ids, max_new_tokens=32, **sampling):
         """Sample up to max_new_tokens with the KV cache; returns (B, T + new): the input ids then the new ones.
 
-        Left-padded batches work when attention_mask is given. Rows that produced eos keep emitting eos.
-        temperature 0 is greedy; otherwise logits / temperature, then top-k, then top-p (nucleus) filtering.
+        sampling: temperature=0.0 (greedy), top_k, top_p, eos_token_id, attention_mask (left-padded batches),
+        generator. Rows that produced eos keep emitting eos. The loop is `generate` below, shared with PeftModel.
         """
-        return generate(
-            self,
-            input_ids,
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            eos_token_id,
-            attention_mask,
-            generator,
-        )
+        return generate(self, input_ids, max_new_tokens, **sampling)
 
 
 def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
