@@ -353,6 +353,10 @@ class PeftModel(nn.Module):
                 m.disabled = d
 
     # ----- counting -----
+    def compile_blocks(self, **options):  # Transformer.compile_blocks on the base model (a speed lever)
+        self.base_model.compile_blocks(**options)
+        return self
+
     def num_parameters(self, trainable_only=False):
         seen, total = set(), 0
         for p in self.parameters():

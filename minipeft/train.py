@@ -98,6 +98,7 @@ class TrainConfig:
     lora_plus_ratio: float | None = None  # LoRA+: lr * ratio for lora_B; None: off
     out_dir: str | None = None  # checkpoint/ and metrics.json; None: nothing is written
     progress: bool | None = None  # the tqdm bar; None: only when stderr is a terminal
+    compile: bool = False  # torch.compile each block while training (Transformer.compile_blocks): a speed lever
 
     def __post_init__(self):
         def check(ok, name, valid):
@@ -117,6 +118,7 @@ class TrainConfig:
         check(ebs is None or (_is_int(ebs) and ebs >= 1), "eval_batches", "None (all) or an integer >= 1")
         check(lpr is None or (_is_num(lpr) and lpr > 0), "lora_plus_ratio", "None (off) or a number > 0")
         check(self.autocast in ("auto", "bf16", "off"), "autocast", "'auto', 'bf16' or 'off'")
+        check(isinstance(self.compile, bool), "compile", "True or False")
 
 
 def lr_multiplier(step, steps, warmup_steps, min_lr_ratio):
@@ -339,6 +341,10 @@ def train(model, train_data, val_data, cfg, *, resume=False, on_save=None):
     ckpt = find_checkpoint(out_dir) if resume else None  # the last good checkpoint, all along
     if resume and ckpt is None:
         raise FileNotFoundError(f"resume=True but there is no checkpoint in {out_dir}")
+    if cfg.compile and not hasattr(model, "compile_blocks"):
+        raise ValueError(
+            f"TrainConfig.compile=True needs a minipeft Transformer or PeftModel, got {type(model).__name__}"
+        )
     auto_bf16 = device.type == "cuda" and named[0][1].dtype == torch.float32
     bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and auto_bf16)
 
@@ -369,6 +375,8 @@ def train(model, train_data, val_data, cfg, *, resume=False, on_save=None):
     show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
     bar = tqdm(total=cfg.steps, initial=start, disable=not show, dynamic_ncols=True, desc="train")
     was_training, loss, tokens, seconds = model.training, None, 0, 0.0
+    if cfg.compile:
+        model.compile_blocks()
     model.train()
     try:
         for step in range(start + 1, cfg.steps + 1):  # `step` optimizer steps are done once this one is

@@ -29,7 +29,7 @@ def test_bench_finetune_quick_cpu(tmp_path):
     assert (tmp_path / "quick.md").read_text().startswith("# Fine-tuning benchmark")
     assert res["shapes"] == ["tiny"] and res["methods"] == METHODS
 
-    rows = {(r["method"], r["side"]): r for r in res["rows"]}
+    rows = {(r["method"], r["side"]): r for r in res["rows"] if r.get("lever") is None}
     sides = ["minipeft"] + (["hf"] if importable("transformers", "peft") else [])
     for side in sides:
         for method in METHODS:
@@ -50,3 +50,17 @@ def test_bench_finetune_quick_cpu(tmp_path):
     for extra in ("dequant", "generation", "swap"):
         assert extra in res, res.get(extra + "_error")
     assert res["dequant"]["minipeft"]["gbps"] > 0 and res["generation"]["minipeft_base"] > 0
+
+
+def test_bench_finetune_compile_switch_row(tmp_path):
+    """--switches compile adds a minipeft row with compiled blocks: it runs and computes the eager row's loss."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_finetune.py"), "--quick", "--device", "cpu",
+           "--out", str(tmp_path), "--name", "c", "--sides", "minipeft", "--methods", "lora_all",
+           "--switches", "compile", "--extras", "none"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["lever"]: r for r in json.loads((tmp_path / "c.json").read_text())["rows"]}
+    assert set(rows) == {None, "compile"} and "error" not in rows["compile"], rows["compile"].get("error")
+    assert abs(rows["compile"]["loss_first"] - rows[None]["loss_first"]) < 1e-3
+    assert "| minipeft + compile | lora_all |" in (tmp_path / "c.md").read_text()

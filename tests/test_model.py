@@ -205,3 +205,43 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     model(b["input_ids"], **kw).loss.backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref[n], rtol=1e-12, atol=1e-15)
+
+
+def test_compile_blocks_is_used_while_training_only_and_follows_adapter_changes():
+    """compile_blocks with a recording backend: graphs are captured in train mode, never in eval; the compiled
+    blocks give eager's loss and gradients, and re-trace (dynamo's guards) when the active adapter changes."""
+    from minipeft import LoraConfig, get_peft_model
+
+    graphs = []
+
+    def backend(gm, example_inputs):  # record the graph, run it as traced
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = get_peft_model(
+        tiny_model(torch.float64), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    )
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False))
+    b = batch()
+    expected = {}
+    for name in ("default", "other"):
+        model.set_adapter(name)
+        model.zero_grad()
+        out = model(b["input_ids"], labels=b["labels"])
+        out.loss.backward()
+        expected[name] = out.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.compile_blocks(backend=backend)
+    model.eval()
+    model(b["input_ids"])
+    assert graphs == []  # eval (and generate) stay eager
+    model.train()
+    for name in ("default", "other", "default"):
+        model.set_adapter(name)
+        model.zero_grad()
+        out = model(b["input_ids"], labels=b["labels"])
+        out.loss.backward()
+        assert abs(out.loss.item() - expected[name][0]) < 1e-12
+        for n, grad in expected[name][1].items():
+            torch.testing.assert_close(dict(model.named_parameters())[n].grad, grad, rtol=1e-10, atol=1e-14)
+    assert len(graphs) >= 2  # one per adapter configuration at least
