@@ -382,6 +382,9 @@ def train_row(env, side, method, args, lever=None):
     free(device)
     model = BUILDERS[side][method](env)
     if lever:  # a switch: applied to the built model (compiled blocks) before the optimizer sees it
+        # A fresh dynamo cache per row: all rows share Block.forward's code object, and past its recompile limit
+        # (8 entries) dynamo silently runs it eagerly (what the first run of this script did to the later rows).
+        torch._dynamo.reset()
         model = SWITCHES[lever][1](model)
     model.train()
     params = trainable_parameters(model)

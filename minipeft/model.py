@@ -275,9 +275,10 @@ class Transformer(nn.Module):
         their shapes change from call to call). Inductor fuses RMSNorm, RoPE, SwiGLU and the adapters' small
         ops into a few kernels and keeps fewer activations for backward; the first step pays the compile (all
         blocks share one compiled graph). Adapters added or changed later are picked up (dynamo re-checks the
-        modules). Kept in a plain list, so state_dict keys do not change. Returns self."""
+        modules and re-traces), but past torch._dynamo.config.recompile_limit (8) variants of Block.forward in
+        one process it falls back to eager with a warning. Kept in a plain list: state_dict keys do not change."""
         self.compiled_blocks = [torch.compile(layer, **options) for layer in self.model.layers]
-        return self
+        return self  # (returned, so that `model = model.compile_blocks()` reads naturally)
 
     @property
     def dtype(self):
