@@ -192,37 +192,40 @@ def causal_lm_loss(logits, labels):
 class ChunkedCrossEntropy(torch.autograd.Function):
     """mean_i CE(h_i W^T, t_i) without ever holding the (N, V) logits: a speed/memory lever, not new math.
 
-    Forward and backward walk over `chunk` rows at a time and recompute each chunk's logits, so memory is
-    O(chunk * V) instead of O(N * V) in float32 (at V = 128k and 4k tokens that is 2 GiB of logits, twice).
-    Backward: dL/dlogits = (softmax - onehot) / N, then dL/dh = g W and dL/dW = g^T h.
+    Forward walks over `chunk` rows at a time, so memory is O(chunk * V) instead of O(N * V) in float32 (at
+    V = 128k and 4k tokens that is 2 GiB of logits, twice). The loss is the last node of the graph, so only a
+    scalar flows back into it: forward also computes the gradients while each chunk's logits exist, and
+    backward only scales them (the logits are never recomputed):
+        dL/dlogits = (softmax - onehot) / N,  dL/dh = g W,  dL/dW = g^T h.
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk):  # h (N, D), weight (V, D), targets (N,)
+    def forward(ctx, h, weight, targets, chunk, need_h, need_w):  # h (N, D), weight (V, D), targets (N,)
         acc = torch.float32 if h.dtype in HALF else h.dtype  # never downcast a float64 model
+        n = h.size(0)
         total = torch.zeros((), dtype=acc, device=h.device)
-        for i in range(0, h.size(0), chunk):
-            logits = (h[i : i + chunk] @ weight.T).to(acc)
-            total += (logits.logsumexp(-1) - logits.gather(1, targets[i : i + chunk, None])[:, 0]).sum()
-        ctx.save_for_backward(h, weight, targets)
-        ctx.chunk = chunk
-        return total / h.size(0)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        for i in range(0, n, chunk):
+            h_c, t_c = h[i : i + chunk], targets[i : i + chunk]
+            logp = torch.log_softmax(h_c @ weight.T, -1, dtype=acc)  # (c, V), 16-bit logits read once
+            total -= logp.gather(1, t_c[:, None]).sum()
+            if need_h or need_w:
+                g = logp.exp_()  # softmax, in place
+                g[torch.arange(g.size(0), device=g.device), t_c] -= 1
+                g = g.div_(n).to(h.dtype)
+                if need_h:
+                    grad_h[i : i + chunk] = g @ weight
+                if need_w:
+                    grad_w += (g.T @ h_c).to(acc)
+        ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
+        return total / n
 
     @staticmethod
     def backward(ctx, grad):
-        h, weight, targets = ctx.saved_tensors
-        acc = torch.float32 if h.dtype in HALF else h.dtype
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
-        for i in range(0, h.size(0), ctx.chunk):
-            g = torch.softmax(h[i : i + ctx.chunk] @ weight.T, -1, dtype=acc)  # (c, V), no upcast copy first
-            g[torch.arange(g.size(0), device=g.device), targets[i : i + ctx.chunk]] -= 1
-            g = g.mul_(grad / h.size(0)).to(h.dtype)
-            if grad_h is not None:
-                grad_h[i : i + ctx.chunk] = g @ weight
-            if grad_w is not None:
-                grad_w += (g.T @ h[i : i + ctx.chunk]).to(acc)
-        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None
+        grad_h, grad_w = ctx.saved_tensors
+        scale = lambda g: None if g is None else (g.to(grad.dtype) * grad).to(g.dtype)  # noqa: E731  (fp32 product)
+        return scale(grad_h), scale(grad_w), None, None, None, None
 
 
 def chunked_causal_lm_loss(hidden, weight, labels, chunk=None):
@@ -235,8 +238,11 @@ def chunked_causal_lm_loss(hidden, weight, labels, chunk=None):
     if torch.is_autocast_enabled(h.device.type):  # do autocast's cast by hand: the Function runs outside it
         dtype = torch.get_autocast_dtype(h.device.type)
         h, weight = h.to(dtype), weight.to(dtype)
+    grad = torch.is_grad_enabled()
     with torch.autocast(h.device.type, enabled=False):
-        return ChunkedCrossEntropy.apply(h, weight, targets, chunk)
+        return ChunkedCrossEntropy.apply(
+            h, weight, targets, chunk, grad and h.requires_grad, grad and weight.requires_grad
+        )
 
 
 class Transformer(nn.Module):

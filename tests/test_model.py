@@ -187,6 +187,13 @@ def test_chunked_cross_entropy_gradcheck_and_autocast():
     labels = torch.randint(0, 11, (2, 7), generator=g)
     labels[0, :4] = -100
     assert torch.autograd.gradcheck(lambda h, w: chunked_causal_lm_loss(h, w, labels, chunk=3), (h, w))
+    # The gradients are computed in forward and only scaled in backward: a non-unit upstream gradient (as the
+    # token-weighted accumulation of train.py sends) must scale them exactly.
+    (0.37 * chunked_causal_lm_loss(h, w, labels, chunk=3)).backward()
+    got = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    (0.37 * causal_lm_loss(h @ w.T, labels)).backward()
+    torch.testing.assert_close(got, (h.grad, w.grad), rtol=1e-12, atol=1e-15)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls, float32 softmax: close to the float64 value
         lossbf = chunked_causal_lm_loss(h.float(), w.float(), labels, chunk=4)
     assert lossbf.dtype == torch.float32
