@@ -335,7 +335,11 @@ def compile_layers(model):
     return model
 
 
-SWITCHES = {"compile": ("minipeft", compile_layers), "hf_compile": ("hf", compile_layers)}  # name -> (side, fn)
+SWITCHES = {  # name -> (side, fn)
+    "compile": ("minipeft", compile_layers),
+    "compile_cg": ("minipeft", lambda model: model.compile_blocks(mode="reduce-overhead")),  # + CUDA graphs
+    "hf_compile": ("hf", compile_layers),
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -397,6 +401,8 @@ def train_row(env, side, method, args, lever=None):
     losses = []
 
     def step(clock):
+        if lever == "compile_cg":  # CUDA graphs: tell the graph trees a new step starts (outputs may be reused)
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast:
             # minipeft's training path asks for the loss alone (chunked cross-entropy, no (B, T, V) logits),
             # as minipeft.train does; HF's models compute full logits and upcast them to float32 for the loss.
@@ -648,7 +654,7 @@ def targets(res):
     Each minipeft figure is given for the plain (eager) rows and, where the run has them, the rows with the
     compile switch; the HF side is always transformers + peft as shipped (eager). `met`: by either variant."""
     out, rows, peak = [], res["rows"], res["peak"]["tflops"]
-    variants = [None] + (["compile"] if any(r.get("lever") == "compile" for r in rows) else [])
+    variants = [None] + [v for v in ("compile", "compile_cg") if any(r.get("lever") == v for r in rows)]
 
     def ratio(x, y, key):
         return x and y and x.get(key) and y.get(key) and x[key] / y[key]
@@ -693,10 +699,12 @@ def targets(res):
     add("dequantize_nf4 >= 70% of copy bandwidth",
         {v: d.get("ratio_to_copy") if v is None else compiled and compiled["gbps"] / d["copy"]["gbps"]
          for v in variants}, lambda x: x >= 0.7, lambda x: f"{100 * x:.0f}%")  # fmt: skip
-    for key, goal, what in (("merged_over_base", 1.03, "merged LoRA generation within 3% of base"),
-                            ("unmerged_over_base", 1.10, "unmerged LoRA generation within 10% of base")):  # fmt: skip
-        add(what, {v: g.get(key) if v is None else None for v in variants}, lambda x, goal=goal: x <= goal,
-            lambda x: f"{100 * (x - 1):+.1f}%")  # fmt: skip
+    add("merged LoRA generation within 3% of base (either way)",  # the same modules: faster is noise too
+        {v: g.get("merged_over_base") if v is None else None for v in variants}, lambda x: abs(x - 1) <= 0.03,
+        lambda x: f"{100 * (x - 1):+.1f}%")  # fmt: skip
+    add("unmerged LoRA generation within 10% of base",
+        {v: g.get("unmerged_over_base") if v is None else None for v in variants}, lambda x: x <= 1.10,
+        lambda x: f"{100 * (x - 1):+.1f}%")  # fmt: skip
     return out
 
 

@@ -73,7 +73,9 @@ def build_parser():
     g.add_argument("--save-every", type=int, default=0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--grad-checkpoint", action="store_true", help="recompute blocks in backward: less memory")
-    g.add_argument("--compile", action="store_true", help="torch.compile each block for training: faster on a GPU")
+    g.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
+                   help="torch.compile each block for training (faster on a GPU); MODE: a torch.compile mode, "
+                   "e.g. reduce-overhead (adds CUDA graphs)")  # fmt: skip
     f.add_argument("--out", default=None, help="run directory (default runs/<name>)")
     f.add_argument("--name", default=None, help="run name (default: <model>-<method>)")
     f.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

@@ -205,7 +205,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         n = h.size(0)
         total = torch.zeros((), dtype=acc, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_w = torch.zeros_like(weight) if need_w else None  # summed by addmm_ (each product accumulates in fp32)
         for i in range(0, n, chunk):
             h_c, t_c = h[i : i + chunk], targets[i : i + chunk]
             logp = torch.log_softmax(h_c @ weight.T, -1, dtype=acc)  # (c, V), 16-bit logits read once
@@ -217,13 +217,14 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 if need_h:
                     grad_h[i : i + chunk] = g @ weight
                 if need_w:
-                    grad_w += (g.T @ h_c).to(acc)
-        ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
+                    grad_w.addmm_(g.T, h_c)  # not a float32 buffer: its += per chunk cost more than the matmul
+        ctx.save_for_backward(grad_h)  # per token, like an activation
+        ctx.grad_w = grad_w  # W's gradient, ready early (not an activation: the memory W's .grad takes anyway)
         return total / n
 
     @staticmethod
     def backward(ctx, grad):
-        grad_h, grad_w = ctx.saved_tensors
+        (grad_h,), grad_w = ctx.saved_tensors, ctx.grad_w
         scale = lambda g: None if g is None else (g.to(grad.dtype) * grad).to(g.dtype)  # noqa: E731  (fp32 product)
         return scale(grad_h), scale(grad_w), None, None, None, None
 

@@ -63,6 +63,7 @@ from tqdm import tqdm
 from .data import IGNORE_INDEX, batch_stream, batches
 
 CHECKPOINT = "checkpoint"
+COMPILE_MODES = (False, True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -98,7 +99,8 @@ class TrainConfig:
     lora_plus_ratio: float | None = None  # LoRA+: lr * ratio for lora_B; None: off
     out_dir: str | None = None  # checkpoint/ and metrics.json; None: nothing is written
     progress: bool | None = None  # the tqdm bar; None: only when stderr is a terminal
-    compile: bool = False  # torch.compile each block while training (Transformer.compile_blocks): a speed lever
+    compile: bool | str = False  # torch.compile each block while training (Transformer.compile_blocks): True, or
+    # a torch.compile mode, "reduce-overhead" adding CUDA graphs (fewer host launches: for small or LoRA-all models)
 
     def __post_init__(self):
         def check(ok, name, valid):
@@ -118,7 +120,8 @@ class TrainConfig:
         check(ebs is None or (_is_int(ebs) and ebs >= 1), "eval_batches", "None (all) or an integer >= 1")
         check(lpr is None or (_is_num(lpr) and lpr > 0), "lora_plus_ratio", "None (off) or a number > 0")
         check(self.autocast in ("auto", "bf16", "off"), "autocast", "'auto', 'bf16' or 'off'")
-        check(isinstance(self.compile, bool), "compile", "True or False")
+        c = self.compile
+        check(isinstance(c, bool) or (isinstance(c, str) and c in COMPILE_MODES), "compile", f"one of {COMPILE_MODES}")
 
 
 def lr_multiplier(step, steps, warmup_steps, min_lr_ratio):
@@ -376,7 +379,7 @@ def train(model, train_data, val_data, cfg, *, resume=False, on_save=None):
     bar = tqdm(total=cfg.steps, initial=start, disable=not show, dynamic_ncols=True, desc="train")
     was_training, loss, tokens, seconds = model.training, None, 0, 0.0
     if cfg.compile:
-        model.compile_blocks()
+        model.compile_blocks(**({} if cfg.compile is True else {"mode": cfg.compile}))
     model.train()
     try:
         for step in range(start + 1, cfg.steps + 1):  # `step` optimizer steps are done once this one is
@@ -386,6 +389,8 @@ def train(model, train_data, val_data, cfg, *, resume=False, on_save=None):
             for b in micro:
                 if (n := num_targets(b)) == 0:
                     continue
+                if cfg.compile:  # CUDA graphs (reduce-overhead) may reuse their outputs from here on
+                    torch.compiler.cudagraph_mark_step_begin()
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     loss_i = batch_loss(model, b, device)
                 if not math.isfinite(loss_i.item()):  # stop before the bad gradients reach any weight
