@@ -12,14 +12,7 @@ stores only the embedding. Weights move only through safetensors: nothing is unp
 Loading is cheap: the model is built on the "meta" device (shapes only, no random init), every key and shape is
 checked, then the tensors are put in with load_state_dict(assign=True); inv_freq, in no checkpoint, is recomputed.
 
-GGUF (llama.cpp): llama.* metadata gives the config, tokenizer.ggml.* the tokenizer (see tokenizer.py). Tensors
-are F32, F16, BF16 or quantized in blocks of 32 weights sharing a float16 scale d (and offset m):
-    Q8_0: w = d * q          q int8        34 bytes = d + 32 q
-    Q4_0: w = d * (q - 8)    q in 0..15    18 bytes = d + 16 bytes of 4-bit q
-    Q4_1: w = d * q + m      q in 0..15    20 bytes = d + m + 16 bytes of 4-bit q
-(byte j of the 4-bit ones holds weight j in its low nibble and weight j + 16 in its high nibble). llama.cpp also
-reorders the rows of q_proj and k_proj: its rotary rotates adjacent channels (2i, 2i+1) of a head together, HF's
-rotate_half channel i with i + head_dim/2. `unpermute` puts the rows back, exactly as transformers' loader does.
+GGUF (llama.cpp's format): read by gguf.py, then checked and assigned here like an HF folder.
 """
 
 import contextlib
@@ -34,11 +27,11 @@ import warnings
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from . import gguf
 from .model import ModelConfig, Transformer, rope_inv_freq
 from .tokenizer import Tokenizer
 
@@ -57,15 +50,6 @@ HF_TYPE_DEFAULTS = {"llama": dict(max_position_embeddings=2048),
 SIZES = "vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads".split()
 HF_FIELDS = SIZES + ("num_key_value_heads head_dim rms_norm_eps rope_theta rope_scaling max_position_embeddings "
                      "tie_word_embeddings bos_token_id eos_token_id").split()  # fmt: skip
-GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")  # what `dequantize` handles
-GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
-              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
-              "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}  # fmt: skip
-# GGUF metadata llama.<key> that must be there, as transformers' GGUF_CONFIG_MAPPING reads it
-GGUF_CONFIG = {"hidden_size": "embedding_length", "intermediate_size": "feed_forward_length",
-               "num_hidden_layers": "block_count", "num_attention_heads": "attention.head_count",
-               "rms_norm_eps": "attention.layer_norm_rms_epsilon"}  # fmt: skip
 
 
 def minipeft_home(home=None):
@@ -222,39 +206,20 @@ def _assign(model, tensors, dtype):
     return model
 
 
-# ---- GGUF -------------------------------------------------------------------------------------------------
-def read_gguf(path):
-    """-> (gguf.GGUFReader, {metadata key: Python value}). The tensors stay in the file (memory-mapped)."""
-    try:
-        import gguf
-    except ImportError:
-        raise ImportError("reading .gguf files needs the gguf package: pip install 'minipeft[gguf]'") from None
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, IndexError, KeyError, OSError) as e:  # a short file fails in numpy's reshape/view
-        raise ValueError(f"{path} is not a valid GGUF file, or it is truncated: {e}") from None
-
-    def value(field):  # what field.contents() gives in gguf >= 0.16; this works from 0.10 on
-        kind, parts = field.types[-1], [field.parts[i] for i in field.data]
-        values = [bytes(p).decode() if kind == gguf.GGUFValueType.STRING else p.tolist()[0] for p in parts]
-        return values if field.types[0] == gguf.GGUFValueType.ARRAY else values[0]
-
-    return reader, {k: value(f) for k, f in reader.fields.items()}
-
-
+# ---- GGUF (the format itself is in gguf.py) ------------------------------------------------------------
 def _load_gguf(path, dtype):
-    reader, md = read_gguf(path)
+    reader, md = gguf.read_gguf(path)
     for t in reader.tensors:
-        if t.tensor_type.name not in GGUF_TYPES:
+        if t.tensor_type.name not in gguf.GGUF_TYPES:
             raise ValueError(
                 f"{path}: tensor {t.name} has type {t.tensor_type.name}, which minipeft cannot "
-                f"dequantize; supported: {', '.join(GGUF_TYPES)}"
+                f"dequantize; supported: {', '.join(gguf.GGUF_TYPES)}"
             )
-    cfg = config_from_gguf(md, {t.name for t in reader.tensors}, path)
+    cfg = gguf.config_from_gguf(md, {t.name for t in reader.tensors}, path)
     shape = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}  # GGUF lists dims inner first
     with torch.device("meta"):
         model = Transformer(cfg)
-    _check_weights(model, {_hf_name(t.name): shape[t.name] for t in reader.tensors}, path)
+    _check_weights(model, {gguf.hf_name(t.name): shape[t.name] for t in reader.tensors}, path)
     try:
         tok = Tokenizer.from_gguf_metadata(md) if "tokenizer.ggml.tokens" in md else None
     except ValueError as e:  # the model is still usable on ids: say why there is no tokenizer
@@ -262,72 +227,11 @@ def _load_gguf(path, dtype):
         tok = None
     tensors = {}
     for t in reader.tensors:
-        w = dequantize(t.data, t.tensor_type.name, shape[t.name])
+        w = gguf.dequantize(t.data, t.tensor_type.name, shape[t.name])
         if ".attn_q." in t.name or ".attn_k." in t.name:
-            w = unpermute(w, cfg.num_attention_heads if ".attn_q." in t.name else cfg.num_key_value_heads)
-        tensors[_hf_name(t.name)] = torch.from_numpy(w if w.flags.writeable else w.copy())  # copy out of the mmap
+            w = gguf.unpermute(w, cfg.num_attention_heads if ".attn_q." in t.name else cfg.num_key_value_heads)
+        tensors[gguf.hf_name(t.name)] = torch.from_numpy(w if w.flags.writeable else w.copy())  # copy out of the mmap
     return _assign(model, tensors, dtype), tok
-
-
-def config_from_gguf(md, tensor_names, source="GGUF"):
-    if md.get("general.architecture") != "llama":
-        raise ValueError(
-            f"{source}: GGUF architecture {md.get('general.architecture')!r} is not supported; supported: 'llama'"
-        )
-    if missing := [f"llama.{k}" for k in GGUF_CONFIG.values() if f"llama.{k}" not in md]:
-        raise ValueError(f"{source}: missing GGUF metadata key(s) {missing}")
-    scaling = md.get("llama.rope.scaling.type", "none")
-    if scaling not in ("none", "linear"):
-        raise ValueError(f"{source}: llama.rope.scaling.type {scaling!r} not supported; supported: none, linear")
-    linear = {"rope_type": "linear", "factor": md.get("llama.rope.scaling.factor")}
-    return ModelConfig(
-        **{ours: md[f"llama.{key}"] for ours, key in GGUF_CONFIG.items()},
-        vocab_size=md.get("llama.vocab_size") or len(md["tokenizer.ggml.tokens"]),
-        num_key_value_heads=md.get("llama.attention.head_count_kv"),
-        head_dim=md.get("llama.attention.key_length"),
-        rope_theta=md.get("llama.rope.freq_base", 10000.0),
-        rope_scaling=linear if scaling == "linear" else None,
-        max_position_embeddings=md.get("llama.context_length", 2048),
-        tie_word_embeddings="output.weight" not in tensor_names,  # no output matrix: llama.cpp reuses token_embd
-        bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=md.get("tokenizer.ggml.eos_token_id"),
-    )
-
-
-def _hf_name(name):  # blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight; unknown names stay as they are
-    p = name.split(".")
-    if p[0] == "blk" and len(p) == 4 and p[2] in GGUF_NAMES:
-        return f"model.layers.{p[1]}.{GGUF_NAMES[p[2]]}.{p[3]}"
-    return f"{GGUF_NAMES[p[0]]}.{p[1]}" if len(p) == 2 and p[0] in GGUF_NAMES else name
-
-
-def dequantize(data, kind, shape):
-    """One GGUF tensor's data (as GGUFReader gives it) -> float32 numpy array of `shape` (HF order: out, in)."""
-    raw = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
-    if kind == "F32":
-        w = raw.view(np.float32)
-    elif kind == "F16":
-        w = raw.view(np.float16).astype(np.float32)
-    elif kind == "BF16":  # bfloat16 is the top half of a float32
-        w = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    elif kind in ("Q8_0", "Q4_0", "Q4_1"):
-        blocks = raw.reshape(-1, {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}[kind])  # (n_blocks, bytes per block)
-        d = blocks[:, :2].view(np.float16).astype(np.float32)  # (n_blocks, 1) scale
-        if kind == "Q8_0":
-            w = d * blocks[:, 2:].view(np.int8).astype(np.float32)
-        else:
-            qs = blocks[:, -16:]  # (n_blocks, 16): low nibbles are weights 0..15, high nibbles 16..31
-            q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)  # (n_blocks, 32)
-            w = d * (q - 8) if kind == "Q4_0" else d * q + blocks[:, 2:4].view(np.float16).astype(np.float32)
-    else:
-        raise ValueError(f"GGUF tensor type {kind} not supported; supported: {', '.join(GGUF_TYPES)}")
-    return w.reshape(shape)
-
-
-def unpermute(w, n_heads):
-    """llama.cpp -> HF row order of q_proj / k_proj. In each head, GGUF row 2i + j is HF row j * head_dim/2 + i
-    (i < head_dim/2, j = 0 or 1): rows (n_heads, head_dim/2, 2) -> (n_heads, 2, head_dim/2)."""
-    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 # ---- saving -----------------------------------------------------------------------------------------------

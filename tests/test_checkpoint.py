@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from minipeft import checkpoint
-from minipeft.checkpoint import config_from_hf, dequantize, download, load_pretrained, read_gguf, save_pretrained
+from minipeft.checkpoint import config_from_hf, download, load_pretrained, save_pretrained
+from minipeft.gguf import dequantize, read_gguf
 from minipeft.model import ModelConfig, Transformer
 
 TINY = dict(

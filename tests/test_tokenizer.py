@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from minipeft.checkpoint import read_gguf
+from minipeft.gguf import read_gguf
 from minipeft.tokenizer import Tokenizer
 
 TEXTS = [
