@@ -34,6 +34,14 @@ def test_finetune_lora_writes_a_peft_adapter_and_learns(tmp_path, capsys):
     assert after < before
 
 
+def test_finetune_compile_learns_what_the_plain_run_learns(tmp_path):
+    """--compile: the same training losses and held-out losses as without it (float32 on this CPU)."""
+    runs = [json.loads((finetune(tmp_path, *flag, name=f"run{len(flag)}") / "metrics.json").read_text())
+            for flag in ([], ["--compile"])]  # fmt: skip
+    for key, field in (("train", "loss"), ("eval", "val_loss")):
+        assert [e[field] for e in runs[1][key]] == pytest.approx([e[field] for e in runs[0][key]], rel=1e-5)
+
+
 def test_generate_with_adapter_and_merge(tmp_path, capsys):
     out = finetune(tmp_path)
     capsys.readouterr()
@@ -146,6 +154,7 @@ def test_every_method_runs_and_generates(tmp_path, capsys, method):
         (["--method", "prefix", "--virtual-tokens", "0"], "num_virtual_tokens"),
         (["--model", "no-such-model"], "no-such-model"),
         (["--seq-len", "100000"], "exceeds the model's context"),
+        (["--compile", "fast"], r"compile must be one of .*'reduce-overhead'.*got 'fast'"),
     ],
 )
 def test_bad_input_is_a_clear_error(tmp_path, args, msg):
