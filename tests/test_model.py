@@ -238,7 +238,9 @@ def test_compile_blocks_is_used_while_training_only_and_follows_adapter_changes(
         out = model(b["input_ids"], labels=b["labels"])
         out.loss.backward()
         expected[name] = out.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    keys = list(model.state_dict())
     model.compile_blocks(backend=backend)
+    assert list(model.state_dict()) == keys  # the compiled wrappers are not submodules: files do not change
     model.eval()
     model(b["input_ids"])
     assert graphs == []  # eval (and generate) stay eager
