@@ -19,6 +19,8 @@ separate Linear layers on purpose: every method in minipeft adapts them independ
 
 Precision: everything runs in the parameters' dtype. Only bf16/fp16 are upcast to float32 where it matters
 (norms, the loss); a float64 model stays float64 end to end, which the gradient checks rely on.
+
+Beside this file: the loss (plain, or chunked from the hidden states) in loss.py, the decoding loop in decoding.py.
 """
 
 import math
@@ -28,7 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-HALF = (torch.float16, torch.bfloat16)
+from .decoding import generate
+from .loss import HALF, causal_lm_loss, chunked_causal_lm_loss
 
 
 @dataclass
@@ -183,69 +186,6 @@ class ModelOutput:
     past_key_values: list | None = None
 
 
-def causal_lm_loss(logits, labels):
-    """Mean next-token cross-entropy: position t predicts labels[t + 1]; labels == -100 are ignored."""
-    logits = logits[:, :-1].float() if logits.dtype in HALF else logits[:, :-1]
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100)
-
-
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """mean_i CE(h_i W^T, t_i) without ever holding the (N, V) logits: a speed/memory lever, not new math.
-
-    Forward walks over `chunk` rows at a time, so memory is O(chunk * V) instead of O(N * V) in float32 (at
-    V = 128k and 4k tokens that is 2 GiB of logits, twice). The loss is the last node of the graph, so only a
-    scalar flows back into it: forward also computes the gradients while each chunk's logits exist, and
-    backward only scales them (the logits are never recomputed):
-        dL/dlogits = (softmax - onehot) / N,  dL/dh = g W,  dL/dW = g^T h.
-    """
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, chunk, need_h, need_w):  # h (N, D), weight (V, D), targets (N,)
-        acc = torch.float32 if h.dtype in HALF else h.dtype  # never downcast a float64 model
-        n = h.size(0)
-        total = torch.zeros((), dtype=acc, device=h.device)
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros_like(weight) if need_w else None  # summed by addmm_ (each product accumulates in fp32)
-        for i in range(0, n, chunk):
-            h_c, t_c = h[i : i + chunk], targets[i : i + chunk]
-            logp = torch.log_softmax(h_c @ weight.T, -1, dtype=acc)  # (c, V), 16-bit logits read once
-            total -= logp.gather(1, t_c[:, None]).sum()
-            if need_h or need_w:
-                g = logp.exp_()  # softmax, in place
-                g[torch.arange(g.size(0), device=g.device), t_c] -= 1
-                g = g.div_(n).to(h.dtype)
-                if need_h:
-                    grad_h[i : i + chunk] = g @ weight
-                if need_w:
-                    grad_w.addmm_(g.T, h_c)  # not a float32 buffer: its += per chunk cost more than the matmul
-        ctx.save_for_backward(grad_h)  # per token, like an activation
-        ctx.grad_w = grad_w  # W's gradient, ready early (not an activation: the memory W's .grad takes anyway)
-        return total / n
-
-    @staticmethod
-    def backward(ctx, grad):
-        (grad_h,), grad_w = ctx.saved_tensors, ctx.grad_w
-        scale = lambda g: None if g is None else (g.to(grad.dtype) * grad).to(g.dtype)  # noqa: E731  (fp32 product)
-        return scale(grad_h), scale(grad_w), None, None, None, None
-
-
-def chunked_causal_lm_loss(hidden, weight, labels, chunk=None):
-    """The same value as causal_lm_loss(hidden @ weight.T, labels), computed chunk by chunk. The default chunk
-    keeps one chunk's float32 logits near 256 MB whatever the vocabulary (523 rows at V = 128k)."""
-    chunk = chunk or max(64, 2**26 // weight.size(0))
-    h, targets = hidden[:, :-1].reshape(-1, hidden.size(-1)), labels[:, 1:].reshape(-1)
-    keep = targets != -100
-    h, targets = h[keep], targets[keep]
-    if torch.is_autocast_enabled(h.device.type):  # do autocast's cast by hand: the Function runs outside it
-        dtype = torch.get_autocast_dtype(h.device.type)
-        h, weight = h.to(dtype), weight.to(dtype)
-    grad = torch.is_grad_enabled()
-    with torch.autocast(h.device.type, enabled=False):
-        return ChunkedCrossEntropy.apply(
-            h, weight, targets, chunk, grad and h.requires_grad, grad and weight.requires_grad
-        )
-
-
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -371,77 +311,6 @@ class Transformer(nn.Module):
         """Sample up to max_new_tokens with the KV cache; returns (B, T + new): the input ids then the new ones.
 
         sampling: temperature=0.0 (greedy), top_k, top_p, eos_token_id, attention_mask (left-padded batches),
-        generator. Rows that produced eos keep emitting eos. The loop is `generate` below, shared with PeftModel.
+        generator. Rows that produced eos keep emitting eos. The loop is in decoding.py, shared with PeftModel.
         """
         return generate(self, input_ids, max_new_tokens, **sampling)
-
-
-def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
-    """logits (B, V) -> next token ids (B,)."""
-    if temperature == 0.0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        sorted_logits, idx = logits.sort(-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
-
-
-def check_generate_args(input_ids, max_new_tokens, temperature, top_k, top_p, max_len):
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
-    if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
-        raise ValueError(
-            f"bad sampling settings: max_new_tokens={max_new_tokens}, temperature={temperature}, top_k={top_k}"
-        )
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if input_ids.size(1) + max_new_tokens > max_len:
-        raise ValueError(
-            f"prompt of {input_ids.size(1)} tokens + max_new_tokens={max_new_tokens} exceeds the context "
-            f"of {max_len} tokens (max_position_embeddings)"
-        )
-
-
-def generate(
-    model,
-    input_ids,
-    max_new_tokens=32,
-    temperature=0.0,
-    top_k=None,
-    top_p=None,
-    eos_token_id=None,
-    attention_mask=None,
-    generator=None,
-    max_len=None,
-    **forward_kwargs,
-):
-    """The decoding loop, shared by Transformer and PeftModel (`model` is anything with the forward above)."""
-    max_len = max_len or model.config.max_position_embeddings
-    check_generate_args(input_ids, max_new_tokens, temperature, top_k, top_p, max_len)
-    was_training = model.training
-    model.eval()
-    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
-    eos_t = torch.tensor(sorted(eos), device=input_ids.device)
-    done = torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)
-    out, cache, step_ids = input_ids, None, input_ids
-    for _ in range(max_new_tokens):
-        out_ = model(step_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True, **forward_kwargs)
-        cache = out_.past_key_values
-        nxt = sample_next(out_.logits[:, -1], temperature, top_k, top_p, generator)
-        if eos:
-            nxt = torch.where(done, eos_t[0], nxt)
-            done |= torch.isin(nxt, eos_t)
-        out = torch.cat([out, nxt[:, None]], dim=1)
-        step_ids = nxt[:, None]
-        if attention_mask is not None:
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.size(0), 1)], dim=1)
-        if eos and bool(done.all()):
-            break
-    model.train(was_training)
-    return out

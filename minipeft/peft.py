@@ -32,8 +32,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .adapter import AdapterConfig
+from .decoding import generate
 from .lora import LoraConfig, combine_adapters, inject_lora
-from .model import ModelOutput, generate
+from .model import ModelOutput
 from .prefix import PrefixTuningConfig
 from .prompt import PromptTuningConfig
 

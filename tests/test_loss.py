@@ -1,0 +1,63 @@
+"""loss.py: the chunked cross-entropy equals the plain one, in value and gradients."""
+
+import torch
+from helpers import batch, tiny_model
+
+from minipeft.loss import causal_lm_loss, chunked_causal_lm_loss, default_chunk
+
+
+def test_chunked_loss_equals_plain_loss_and_gradients():
+    """return_logits=False computes the loss chunk by chunk from hidden states: same value, same gradients."""
+    for tied in (True, False):
+        model = tiny_model(dtype=torch.float64, tie_word_embeddings=tied)
+        b = batch(pad_left=3)
+        kw = dict(labels=b["labels"], attention_mask=b["attention_mask"])
+        plain = model(b["input_ids"], **kw)
+        plain.loss.backward()
+        ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        chunked = model(b["input_ids"], return_logits=False, **kw)
+        chunked.loss.backward()
+        assert chunked.logits is None
+        assert abs(chunked.loss.item() - plain.loss.item()) < 1e-12
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, ref[n], rtol=1e-10, atol=1e-14)
+
+
+def test_chunked_cross_entropy_gradcheck_and_autocast():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 7, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(11, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 7), generator=g)
+    labels[0, :4] = -100
+    assert torch.autograd.gradcheck(lambda h, w: chunked_causal_lm_loss(h, w, labels, chunk=3), (h, w))
+    # The gradients are computed in forward and only scaled in backward: a non-unit upstream gradient (as the
+    # token-weighted accumulation of train.py sends) must scale them exactly.
+    (0.37 * chunked_causal_lm_loss(h, w, labels, chunk=3)).backward()
+    got = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    (0.37 * causal_lm_loss(h @ w.T, labels)).backward()
+    torch.testing.assert_close(got, (h.grad, w.grad), rtol=1e-12, atol=1e-15)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls, float32 softmax: close to the float64 value
+        lossbf = chunked_causal_lm_loss(h.float(), w.float(), labels, chunk=4)
+    assert lossbf.dtype == torch.float32
+    assert abs(lossbf.item() - causal_lm_loss(h @ w.T, labels).item()) < 0.05
+
+
+def test_default_chunk_keeps_float32_logits_near_256_mb():
+    """2**26 // V rows per chunk (at least 64): 523 at Llama-3's 128k vocabulary; several chunks give the same loss
+    and gradients as one."""
+    assert default_chunk(128256) == 523 and default_chunk(49152) == 1365 and default_chunk(2**30) == 64
+    g = torch.Generator().manual_seed(0)
+    V = 2**20  # 64 rows per chunk: 149 targets make 3 chunks
+    h = torch.randn(1, 150, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(V, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    labels = torch.randint(0, V, (1, 150), generator=g)
+    loss = chunked_causal_lm_loss(h, w, labels)
+    loss.backward()
+    got = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    one = chunked_causal_lm_loss(h, w, labels, chunk=10**6)
+    one.backward()
+    assert abs(loss.item() - one.item()) < 1e-12
+    torch.testing.assert_close(got, (h.grad, w.grad), rtol=1e-10, atol=1e-14)
