@@ -22,6 +22,8 @@ Schedule. LambdaLR multiplies lr by m(s) at optimizer step s = 0 .. steps - 1 (W
     m(s) = r + (1 - r) * (1 + cos(pi * (s - W) / max(1, steps - 1 - W))) / 2   s >= W  cosine down to r
 LoRA+ (Hayou et al. 2024): with lora_plus_ratio = lambda, parameters named *lora_B* get lr * lambda.
 Weight decay, when not 0, applies to matrices (dim >= 2) only, not to norms and biases (as in nanoGPT).
+Speed: compile=True runs the model's blocks through torch.compile (Transformer.compile_blocks); a mode string
+is passed on ("reduce-overhead" adds CUDA graphs, so each micro-batch first marks a new step for them).
 
 Checkpoints, in out_dir/checkpoint/. Never pickle: tensors go to safetensors, everything else to JSON.
     trainable.safetensors  the trainable parameters by name
