@@ -136,8 +136,8 @@ class LoraLayer(nn.Module):
         A, B, drop, s = self.lora_A[name], self.lora_B[name], self.lora_dropout[name], self.scaling[name]
         if not torch.is_autocast_enabled(x.device.type):  # (under autocast the matmuls pick their dtype: no copy)
             x = x.to(A.weight.dtype)  # float32 adapters on a 16-bit base
-        if name not in self.lora_magnitude_vector:
-            return result + (s * B(A(drop(x)))).to(result.dtype)
+        if name not in self.lora_magnitude_vector:  # one kernel scales, casts and adds: result += s * B A x
+            return result.add_(B(A(drop(x))), alpha=s)
         # DoRA: (m/n - 1) * W x + (m/n) * s * B A x, with n detached (section 4.3 of the paper)
         w = self.base_weight().to(x.dtype)
         n = torch.linalg.vector_norm(w + (s * B.weight @ A.weight).detach(), dim=1).detach()

@@ -64,3 +64,14 @@ def test_bench_finetune_compile_switch_row(tmp_path):
     assert set(rows) == {None, "compile"} and "error" not in rows["compile"], rows["compile"].get("error")
     assert abs(rows["compile"]["loss_first"] - rows[None]["loss_first"]) < 1e-3
     assert "| minipeft + compile | lora_all |" in (tmp_path / "c.md").read_text()
+
+
+def test_decode_ops_counts_what_unmerged_lora_adds(monkeypatch):
+    """benchmarks/decode_ops.py: a merged model launches exactly the base's operations; unmerged LoRA adds four
+    per adapted linear (cast the input to the adapter's float32, A, B, one scaled add into the base output)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import decode_ops
+
+    counts = decode_ops.main(["--layers", "2"])
+    assert counts["LoRA all-linear merged"] == counts["base"]
+    assert counts["LoRA all-linear unmerged"] - counts["base"] == 4 * 7 * 2
