@@ -229,6 +229,26 @@ class NF4LinearFunction(torch.autograd.Function):
         return grad_x, grad_bias, None
 
 
+def _recomputed_linear(x: Tensor, bias: Tensor | None, q: NF4Weight) -> Tensor:
+    """NF4LinearFunction for torch.compile. Traced as is, the compiler merges the backward's dequantization with
+    the forward's and keeps the dense W for backward: a 16-bit model's memory. A checkpointed region makes it
+    recompute W from the 4-bit tensors instead (the forward matmul is not needed for dL/dx, so it is not redone)."""
+    tensors = [getattr(q, f) for f in _TENSOR_FIELDS]
+
+    def linear(x, bias, *tensors):
+        return F.linear(x, _dequantize(dataclasses.replace(q, **dict(zip(_TENSOR_FIELDS, tensors))), x.dtype), bias)
+
+    return torch.utils.checkpoint.checkpoint(linear, x, bias, *tensors, use_reentrant=False, context_fn=_keep_matmuls)
+
+
+def _keep_matmuls():  # selective checkpointing: recompute the dequantization, keep the product (y is needed anyway)
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    keep = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
+    policy = lambda ctx, op, *a, **k: CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE  # noqa: E731
+    return create_selective_checkpoint_contexts(policy)
+
+
 class NF4Linear(nn.Module):
     """A frozen nn.Linear with its weight in NF4. Build with from_linear, or construct (an all-zero weight) and
     load a state dict: bitsandbytes Linear4bit keys, `weight` (packed uint8, as a column) and `weight.*`."""
@@ -265,7 +285,10 @@ class NF4Linear(nn.Module):
         return dequantize_nf4(self.qweight)
 
     def forward(self, x: Tensor) -> Tensor:  # computes in x's dtype
-        return NF4LinearFunction.apply(x, None if self.bias is None else self.bias.to(x.dtype), self.qweight)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if torch.compiler.is_compiling():  # inside compile_blocks: see _recomputed_linear
+            return _recomputed_linear(x, bias, self.qweight)
+        return NF4LinearFunction.apply(x, bias, self.qweight)
 
     def extra_repr(self) -> str:
         q = self.qweight

@@ -106,3 +106,35 @@ def test_4bit_checkpoint_round_trips_and_loads_in_transformers_bitsandbytes(tmp_
     hf.train()  # bitsandbytes' eval-mode CPU kernel repacks the weight and rounds differently
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_qlora_recomputes_the_dense_weights_instead_of_keeping_them():
+    """Under compile_blocks, what a QLoRA step keeps for backward holds no dense (out, in) weight (the compiler
+    would otherwise merge the two dequantizations and keep W), and the gradients equal the eager step's."""
+    torch._dynamo.reset()
+    base = quantize_model(tiny_model(torch.float32, hidden_size=128, intermediate_size=256))
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).train()
+    dense = {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, NF4Linear)}
+    ids = batch()["input_ids"]
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        shapes = []
+
+        def pack(t):
+            shapes.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(ids, labels=ids, return_logits=False).loss
+        loss.backward()
+        return shapes, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    eager_shapes, eager_grads = step()
+    model.compile_blocks()
+    step()  # compiles
+    shapes, grads = step()
+    assert not dense & set(eager_shapes)
+    assert not dense & set(shapes), sorted(dense & set(shapes))
+    for n, g in eager_grads.items():
+        torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-6)
