@@ -232,7 +232,8 @@ class NF4LinearFunction(torch.autograd.Function):
 def _recomputed_linear(x: Tensor, bias: Tensor | None, q: NF4Weight) -> Tensor:
     """NF4LinearFunction for torch.compile. Traced as is, the compiler merges the backward's dequantization with
     the forward's and keeps the dense W for backward: a 16-bit model's memory. A checkpointed region makes it
-    recompute W from the 4-bit tensors instead (the forward matmul is not needed for dL/dx, so it is not redone)."""
+    recompute W from the 4-bit tensors instead, while the product is kept (its consumers need it anyway), so no
+    matmul is redone."""
     tensors = [getattr(q, f) for f in _TENSOR_FIELDS]
 
     def linear(x, bias, *tensors):

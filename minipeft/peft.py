@@ -353,11 +353,11 @@ class PeftModel(nn.Module):
             for m, d in zip(layers, old):
                 m.disabled = d
 
-    # ----- counting -----
     def compile_blocks(self, **options):  # Transformer.compile_blocks on the base model (a speed lever)
         self.base_model.compile_blocks(**options)
         return self
 
+    # ----- counting -----
     def num_parameters(self, trainable_only=False):
         seen, total = set(), 0
         for p in self.parameters():
