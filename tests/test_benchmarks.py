@@ -75,3 +75,13 @@ def test_decode_ops_counts_what_unmerged_lora_adds(monkeypatch):
     counts = decode_ops.main(["--layers", "2"])
     assert counts["LoRA all-linear merged"] == counts["base"]
     assert counts["LoRA all-linear unmerged"] - counts["base"] == 4 * 7 * 2
+
+
+def test_host_time_runs_on_the_cpu(monkeypatch, capsys):
+    """benchmarks/host_time.py (a GPU tool) runs end to end on the tiny shape: that it runs, not how fast."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import host_time
+
+    host_time.main(["--shape", "tiny", "--method", "lora_all", "--device", "cpu", "--steps", "1"])
+    out = capsys.readouterr().out
+    assert "tiny lora_all mode=None: step" in out and "forward: host" in out and "backward: host" in out
