@@ -6,6 +6,7 @@ gaps, each listed in lessons/README.md, committed without outputs, and shaped as
 a Summary, exercises whose check cells run when unanswered).
 """
 
+import json
 import re
 import time
 from pathlib import Path
@@ -76,3 +77,16 @@ def test_lesson_runs_top_to_bottom(path, monkeypatch):
     print(f"{path.name}: {time.perf_counter() - start:.1f}s")
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert printed.count("not answered yet") >= 2, f"{path.name}: the exercise checks should say 'not answered yet'"
+
+
+def test_run_lessons_script_turns_each_notebook_into_valid_python(monkeypatch):
+    """scripts/run_lessons.py (for machines without Jupyter) joins the code cells in order: valid Python holding
+    every cell."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    import run_lessons
+
+    for path in NOTEBOOKS:
+        script = run_lessons.as_script(path)
+        compile(script, str(path), "exec")
+        n_code = sum(c["cell_type"] == "code" for c in json.loads(path.read_text())["cells"])
+        assert script.count("# ---- cell ") == n_code
