@@ -837,7 +837,7 @@ def main(argv=None):
         "--switches",
         default=None,
         help=f"extra rows with a speed switch on, from {list(SWITCHES)}, "
-        "or 'none' (default: compile; none with --quick)",
+        "or 'none' (default: compile,compile_cg; none with --quick)",
     )
     ap.add_argument("--profile", action="store_true", help="profile one extra step per row: top CUDA kernels")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -868,7 +868,7 @@ def main(argv=None):
     for m in methods:
         if m not in METHODS:
             ap.error(f"unknown method {m!r}; valid: {METHODS}")
-    args.switches = args.switches or ("none" if args.quick else "compile")
+    args.switches = args.switches or ("none" if args.quick else "compile,compile_cg")
     switches = [] if args.switches == "none" else args.switches.split(",")
     for sw in switches:
         if sw not in SWITCHES:
