@@ -277,6 +277,8 @@ def cmd_finetune(args):
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "command.txt").write_text(shlex.join(["minipeft", *map(str, args.argv)]) + "\n")
+    if args.compile:
+        print("compiling the blocks (torch.compile): the first step takes longer")
     metrics = train(model, train_data, val_data, tcfg, resume=args.resume, on_save=on_save)
     after = metrics["val_loss"]  # train() ends with an evaluation over the same 20 held-out batches
 
