@@ -298,6 +298,19 @@ def config_to_hf(cfg, dtype):
     return {**d, "torch_dtype": name, "dtype": name}  # transformers < 5 reads the first, >= 5 the second
 
 
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename tmp over path: a reader sees the old file or the new one, whole."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 @contextlib.contextmanager
 def _atomic_dir(path):
     """Yield a new folder beside `path`, which becomes `path` on success. A crash at any moment leaves the

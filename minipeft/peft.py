@@ -32,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .adapter import AdapterConfig
+from .checkpoint import atomic_write
 from .decoding import generate
 from .lora import LoraConfig, combine_adapters, inject_lora
 from .model import ModelOutput
@@ -87,19 +88,6 @@ def find_targets(model, target_modules):
             "(or 'all-linear', or a regex matching full names such as 'model.layers.0.self_attn.q_proj')"
         )
     return list(hits.items())
-
-
-def atomic_write(path, write):
-    """Call write(tmp_path), then rename tmp over path: a reader sees the old file or the new one, whole."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def config_from_dict(d, source="adapter config"):

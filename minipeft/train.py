@@ -62,6 +62,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from .checkpoint import atomic_write
 from .data import IGNORE_INDEX, batch_stream, batches
 
 CHECKPOINT = "checkpoint"
@@ -196,11 +197,8 @@ def _fsync(path):  # a file or a directory: its bytes (or its entries) are on di
         os.close(fd)
 
 
-def write_json_atomic(obj, path):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    _fsync(tmp)
-    os.replace(tmp, path)  # atomic on POSIX and Windows: readers see the old file or the new, never half
+def write_json_atomic(obj, path):  # readers see the old file or the new one, never half of it
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
 
 
 def rng_state():
