@@ -298,13 +298,20 @@ def config_to_hf(cfg, dtype):
     return {**d, "torch_dtype": name, "dtype": name}  # transformers < 5 reads the first, >= 5 the second
 
 
+def fsync(path):  # a file or a directory: its bytes (or its entries) are on disk when this returns
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path, write):
     """Call write(tmp_path), then rename tmp over path: a reader sees the old file or the new one, whole."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        fsync(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -320,15 +327,19 @@ def _atomic_dir(path):
     tmp.mkdir()
     try:
         yield tmp
+        for f in [*tmp.rglob("*"), tmp]:  # on disk before the renames make them visible
+            fsync(f)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if not path.exists():
         os.rename(tmp, path)
+        fsync(path.parent)
         return
     old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
     os.rename(path, old)  # two renames: POSIX cannot atomically replace a non-empty folder
     os.rename(tmp, path)
+    fsync(path.parent)
     for entry in old.iterdir():
         if not (path / entry.name).exists() and not entry.name.startswith("model"):
             os.rename(entry, path / entry.name)

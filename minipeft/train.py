@@ -62,7 +62,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, fsync
 from .data import IGNORE_INDEX, batch_stream, batches
 
 CHECKPOINT = "checkpoint"
@@ -189,14 +189,6 @@ def evaluate(model, dataset, batch_size, max_batches=None, *, device=None, bf16=
 # ----------------------------------------------------------------------------------- checkpoint files
 
 
-def _fsync(path):  # a file or a directory: its bytes (or its entries) are on disk when this returns
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_json_atomic(obj, path):  # readers see the old file or the new one, never half of it
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
 
@@ -266,8 +258,8 @@ def save_checkpoint(out_dir, step, model, named_params, optimizer, scheduler, cf
             on_save(model, tmp)
         for f in tmp.rglob("*"):
             if f.is_file():
-                _fsync(f)
-        _fsync(tmp)
+                fsync(f)
+        fsync(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint was never touched
         raise
@@ -275,7 +267,7 @@ def save_checkpoint(out_dir, step, model, named_params, optimizer, scheduler, cf
         shutil.rmtree(old, ignore_errors=True)  # checkpoint/ is good, so an old .old is stale
         os.replace(final, old)  # 1. the previous checkpoint steps aside, still complete
     os.replace(tmp, final)  # 2. the new one takes its name
-    _fsync(out_dir)
+    fsync(out_dir)
     shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -4,6 +4,7 @@ with a message naming the file, key or value."""
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -478,3 +479,18 @@ def test_bad_save(tmp_path):
     with pytest.raises(ValueError, match="cannot write a Hugging Face 'llama' config with attention_bias=False"):
         save_pretrained(bad, tmp_path / "x")
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_save_pretrained_puts_every_file_on_disk_before_it_becomes_visible(tmp_path, monkeypatch):
+    """Each file of the folder, and the folder, is fsynced under its temporary name, before the renames."""
+    synced, real = [], checkpoint.fsync
+
+    def record(path):
+        synced.append(Path(path))
+        real(path)
+
+    monkeypatch.setattr(checkpoint, "fsync", record)
+    save_pretrained(Transformer(ModelConfig(**TINY)), tmp_path / "out")
+    files = sorted(f.name for f in (tmp_path / "out").iterdir())
+    assert files and set(files) <= {p.name for p in synced if p.parent.name.startswith(".out.tmp-")}
+    assert any(p.name.startswith(".out.tmp-") for p in synced) and tmp_path in synced  # the folder, then its parent
