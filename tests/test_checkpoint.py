@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 import torch
@@ -15,16 +16,7 @@ from minipeft.checkpoint import config_from_hf, download, load_pretrained, save_
 from minipeft.gguf import dequantize, read_gguf
 from minipeft.model import ModelConfig, Transformer
 
-TINY = dict(
-    vocab_size=97,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    rms_norm_eps=1e-5,
-)
+TINY = {k: v for k, v in helpers.TINY.items() if k != "tie_word_embeddings"}  # each test says whether it ties
 LLAMA3_ROPE = {
     "rope_type": "llama3",
     "factor": 8.0,
