@@ -33,24 +33,25 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk, need_h, need_w):  # h (N, D), weight (V, D), targets (N,)
+    def forward(ctx, h, weight, targets, chunk, need_h, need_w, fused=False):  # h (N, D), weight (V, D), targets (N,)
         acc = torch.float32 if h.dtype in HALF else h.dtype  # never downcast a float64 model
         n = h.size(0)
         total = torch.zeros((), dtype=acc, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None  # summed by addmm_ (each product accumulates in fp32)
+        inv_n = torch.full((), 1 / n, dtype=acc, device=h.device)  # a tensor: a new n is no new compiled graph
+        body = _compiled_chunk() if fused else chunk_loss_and_grad
         for i in range(0, n, chunk):
             h_c, t_c = h[i : i + chunk], targets[i : i + chunk]
-            logp = torch.log_softmax(h_c @ weight.T, -1, dtype=acc)  # (c, V), 16-bit logits read once
-            total -= logp.gather(1, t_c[:, None]).sum()
             if need_h or need_w:
-                g = logp.exp_()  # softmax, in place
-                g[torch.arange(g.size(0), device=g.device), t_c] -= 1
-                g = g.div_(n).to(h.dtype)
+                picked, g = body(h_c @ weight.T, t_c, inv_n, acc)
+                total -= picked
                 if need_h:
                     grad_h[i : i + chunk] = g @ weight
                 if need_w:
                     grad_w.addmm_(g.T, h_c)  # not a float32 buffer: its += per chunk cost more than the matmul
+            else:
+                total -= torch.log_softmax(h_c @ weight.T, -1, dtype=acc).gather(1, t_c[:, None]).sum()
         ctx.save_for_backward(grad_h)  # per token, like an activation
         ctx.grad_w = grad_w  # W's gradient, ready early (not an activation: the memory W's .grad takes anyway)
         return total / n
@@ -59,16 +60,39 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad):
         (grad_h,), grad_w = ctx.saved_tensors, ctx.grad_w
         scale = lambda g: None if g is None else (g.to(grad.dtype) * grad).to(g.dtype)  # noqa: E731  (fp32 product)
-        return scale(grad_h), scale(grad_w), None, None, None, None
+        return scale(grad_h), scale(grad_w), None, None, None, None, None
+
+
+def chunk_loss_and_grad(logits, targets, inv_n, acc):
+    """One chunk's (sum of log p(target), dL/dlogits = (softmax - onehot) * inv_n in the logits' dtype).
+    Whole-tensor ops only (the one-hot is a comparison, not a scatter), so that torch.compile fuses it all into
+    one pass that reads the 16-bit logits and writes the 16-bit gradient (no float32 (c, V) buffer); run eager,
+    the in-place ops keep one float32 buffer."""
+    logp = torch.log_softmax(logits, -1, dtype=acc)  # (c, V), 16-bit logits read once
+    picked = logp.gather(1, targets[:, None]).sum()
+    g = logp.exp_()  # softmax, in place
+    g -= (torch.arange(g.size(1), device=g.device) == targets[:, None]).to(torch.uint8)  # minus the one-hot
+    return picked, g.mul_(inv_n).to(logits.dtype)
+
+
+_COMPILED = []
+
+
+def _compiled_chunk():  # built once, on first use: the chunk size is fixed, the last chunk's gets a dynamic graph
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(chunk_loss_and_grad))
+    return _COMPILED[0]
 
 
 def default_chunk(vocab_size):  # rows per chunk: one chunk's float32 logits near 256 MB (2**26 numbers)
     return max(64, 2**26 // vocab_size)
 
 
-def chunked_causal_lm_loss(hidden, weight, labels, chunk=None):
+def chunked_causal_lm_loss(hidden, weight, labels, chunk=None, fused=False):
     """The same value as causal_lm_loss(hidden @ weight.T, labels), computed chunk by chunk. The default chunk
-    keeps one chunk's float32 logits near 256 MB whatever the vocabulary (523 rows at V = 128k)."""
+    keeps one chunk's float32 logits near 256 MB whatever the vocabulary (523 rows at V = 128k). fused=True (a
+    speed lever; Transformer passes it after compile_blocks) runs each chunk's softmax and gradient through
+    torch.compile: one pass over the logits instead of five."""
     chunk = chunk or default_chunk(weight.size(0))
     h, targets = hidden[:, :-1].reshape(-1, hidden.size(-1)), labels[:, 1:].reshape(-1)
     keep = targets != -100
@@ -79,5 +103,5 @@ def chunked_causal_lm_loss(hidden, weight, labels, chunk=None):
     grad = torch.is_grad_enabled()
     with torch.autocast(h.device.type, enabled=False):
         return ChunkedCrossEntropy.apply(
-            h, weight, targets, chunk, grad and h.requires_grad, grad and weight.requires_grad
+            h, weight, targets, chunk, grad and h.requires_grad, grad and weight.requires_grad, fused
         )

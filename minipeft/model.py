@@ -287,7 +287,8 @@ class Transformer(nn.Module):
         cache = new_cache if use_cache else None
         if labels is not None and not return_logits and type(self.lm_head) is nn.Linear:
             # Training path: the loss straight from the hidden states; the (B, T, V) logits never exist.
-            return ModelOutput(loss=chunked_causal_lm_loss(x, self.lm_head.weight, labels), past_key_values=cache)
+            loss = chunked_causal_lm_loss(x, self.lm_head.weight, labels, fused=compiled is not None)
+            return ModelOutput(loss=loss, past_key_values=cache)
         logits = self.lm_head(x)  # (B, T, V)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return ModelOutput(logits=logits, loss=loss, past_key_values=cache)

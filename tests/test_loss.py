@@ -61,3 +61,49 @@ def test_default_chunk_keeps_float32_logits_near_256_mb():
     one.backward()
     assert abs(loss.item() - one.item()) < 1e-12
     torch.testing.assert_close(got, (h.grad, w.grad), rtol=1e-10, atol=1e-14)
+
+
+def test_fused_chunks_equal_eager_chunks_and_compile_at_most_twice():
+    """fused=True (what compile_blocks turns on) runs each chunk's softmax and gradient through torch.compile
+    (inductor on a CPU): the same loss and gradients as the eager chunks, bf16 and float32; a new token count or a
+    short last chunk does not compile again and again (the chunk size is fixed, the last chunk gets one dynamic
+    graph)."""
+    import torch._dynamo.utils
+
+    g = torch.Generator().manual_seed(0)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for dtype in (torch.float32, torch.bfloat16):
+        for T in (41, 29, 37):  # 40, 28, 36 targets in chunks of 16: last chunks of 8, 12, 4
+            h = torch.randn(1, T, 8, generator=g).to(dtype).requires_grad_()
+            w = torch.randn(50, 8, generator=g).to(dtype).requires_grad_()
+            labels = torch.randint(0, 50, (1, T), generator=g)
+            labels[0, 3] = -100
+            got = []
+            for fused in (False, True):
+                h.grad = w.grad = None
+                loss = chunked_causal_lm_loss(h, w, labels, chunk=16, fused=fused)
+                (0.5 * loss).backward()
+                got.append((loss, h.grad, w.grad))
+            tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-4)
+            torch.testing.assert_close(got[1], got[0], **tol)
+    assert 1 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 4  # two graphs per dtype at most
+
+
+def test_compiled_training_forward_uses_the_fused_chunks(monkeypatch):
+    """Transformer.forward passes fused=True to the chunked loss only in train mode after compile_blocks."""
+    import minipeft.loss as loss_mod
+
+    calls = []
+    monkeypatch.setattr(loss_mod, "_compiled_chunk", lambda: calls.append(1) or loss_mod.chunk_loss_and_grad)
+    model = tiny_model(dtype=torch.float32)
+    b = batch()
+    model.train()(b["input_ids"], labels=b["labels"], return_logits=False).loss.backward()
+    assert calls == []
+    model.compile_blocks(backend="eager")
+    model.train()(b["input_ids"], labels=b["labels"], return_logits=False).loss.backward()
+    assert calls
+    calls.clear()
+    with torch.no_grad():
+        model.eval()(b["input_ids"], labels=b["labels"], return_logits=False)
+    assert calls == []
