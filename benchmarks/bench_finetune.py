@@ -119,6 +119,22 @@ def time_fn(fn, device, warmup, reps):
     return statistics.median(times)
 
 
+def stream_ms(fn, device, warmup, reps):
+    """Milliseconds per fn() run back to back (GPU throughput: CUDA events around `reps` calls, so the host's
+    launch and guard time overlaps the kernels, as in a training step); time_fn on a CPU."""
+    if device.type != "cuda":
+        return time_fn(fn, device, warmup, reps)
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
 def free(device):
     gc.collect()
     if device.type == "cuda":
@@ -471,30 +487,29 @@ def bench_dequant(device, quick):
     n = w.numel()
     read = sum(t.numel() * t.element_size() for t in (q.packed, q.absmax, q.nested_absmax, q.nested_code))
     written = n * 2  # bf16 output
-    reps = 3 if quick else 30
-    res = dict(shape=[out, in_], bytes_read=read, bytes_written=written)
-    ms = time_fn(lambda: dequantize_nf4(q), device, 2, reps)
-    res["minipeft"] = dict(ms=ms, gbps=(read + written) / (ms / 1e3) / 1e9)
+    reps = 3 if quick else 50
+    res = dict(shape=[out, in_], bytes_read=read, bytes_written=written, timing="back-to-back calls, CUDA events")
+    rate = lambda ms, nbytes=read + written: dict(ms=ms, gbps=nbytes / (ms / 1e3) / 1e9)  # noqa: E731
+    res["minipeft"] = rate(stream_ms(lambda: dequantize_nf4(q), device, 2, reps))
     ref = dequantize_nf4(q)
     try:  # the library function through torch.compile (what compile_blocks does to it inside a QLoRA block)
         fn = torch.compile(dequantize_nf4)
-        ms = time_fn(lambda: fn(q), device, 3, reps)
-        res["lever_compiled"] = dict(ms=ms, gbps=(read + written) / (ms / 1e3) / 1e9,
-                                     bit_identical=bool(torch.equal(fn(q), ref)))  # fmt: skip
+        res["lever_compiled"] = rate(stream_ms(lambda: fn(q), device, 3, reps))
+        res["lever_compiled"]["bit_identical"] = bool(torch.equal(fn(q), ref))
+        res["lever_compiled"]["max_abs_diff"] = float((fn(q).float() - ref.float()).abs().max())
     except Exception as e:  # noqa: BLE001
         res["lever_compiled"] = f"failed: {type(e).__name__}: {e}"[:300]
     err = (dequantize_nf4(q).float() - w.float()).norm() / w.float().norm()
     res["rel_error_vs_w"] = float(err)
     dst = torch.empty_like(w)
-    ms = time_fn(lambda: dst.copy_(w), device, 2, reps)
-    res["copy"] = dict(ms=ms, gbps=2 * written / (ms / 1e3) / 1e9)
+    res["copy"] = rate(stream_ms(lambda: dst.copy_(w), device, 2, reps), 2 * written)
+    res["write_only"] = rate(stream_ms(lambda: dst.fill_(1.0), device, 2, reps), written)  # the output alone
     res["ratio_to_copy"] = res["minipeft"]["gbps"] / res["copy"]["gbps"]
     try:  # bitsandbytes' CUDA kernel on the same weight, for reference
         import bitsandbytes.functional as bnbf
 
         packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-        ms = time_fn(lambda: bnbf.dequantize_4bit(packed, state), device, 2, reps)
-        res["bitsandbytes"] = dict(ms=ms, gbps=(read + written) / (ms / 1e3) / 1e9)
+        res["bitsandbytes"] = rate(stream_ms(lambda: bnbf.dequantize_4bit(packed, state), device, 2, reps))
         res["bitsandbytes_equal"] = bool(torch.equal(bnbf.dequantize_4bit(packed, state), dequantize_nf4(q)))
     except Exception as e:  # noqa: BLE001
         res["bitsandbytes"] = f"not run: {type(e).__name__}: {e}"[:300]
@@ -781,6 +796,10 @@ def to_markdown(res):
                   + (f" (bnb quantize_4bit -> dequantize_4bit gives minipeft's dequantize_nf4(quantize_nf4(w)) exactly: "
                      f"{d['bitsandbytes_equal']}; two quantizers, see the README)" if "bitsandbytes_equal" in d else "")
                   + "."]  # fmt: skip
+        if isinstance(d.get("write_only"), dict):  # the ceiling: writing the bf16 output, nothing read
+            wo = d["write_only"]
+            lines.append(f"Writing the bf16 output alone (`fill_`): {wo['gbps']:.0f} GB/s ({wo['ms']:.3f} ms); a "
+                         f"dequantization that only wrote would reach {100 * d['copy']['ms'] / wo['ms'] * (d['bytes_read'] + d['bytes_written']) / (2 * d['bytes_written']):.0f}% of copy.")  # fmt: skip
         for k, v in d.items():  # the LEVERS on nf4._dequantize
             if k.startswith("lever_") and isinstance(v, dict):
                 lines.append(f"Lever {k[6:]}: {v['gbps']:.0f} GB/s ({v['ms']:.3f} ms, "
