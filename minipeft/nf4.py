@@ -229,25 +229,17 @@ class NF4LinearFunction(torch.autograd.Function):
         return grad_x, grad_bias, None
 
 
-def _recomputed_linear(x: Tensor, bias: Tensor | None, q: NF4Weight) -> Tensor:
-    """NF4LinearFunction for torch.compile. Traced as is, the compiler merges the backward's dequantization with
-    the forward's and keeps the dense W for backward: a 16-bit model's memory. A checkpointed region makes it
-    recompute W from the 4-bit tensors instead, while the product is kept (its consumers need it anyway), so no
-    matmul is redone."""
-    tensors = [getattr(q, f) for f in _TENSOR_FIELDS]
+def _recomputed_weight(q: NF4Weight, dtype: torch.dtype) -> Tensor:
+    """The dense W for torch.compile, from a checkpointed region that holds only the dequantization. Traced as
+    NF4LinearFunction is, the compiler merges the backward's dequantization with the forward's and keeps the dense
+    W for backward: a 16-bit model's memory. Ops in a checkpointed region are recomputed in backward rather than
+    kept, so W is rebuilt from the 4-bit tensors there; the matmul stays outside, saved and differentiated as any
+    linear's (nothing of it kept or redone beyond what a 16-bit linear does)."""
 
-    def linear(x, bias, *tensors):
-        return F.linear(x, _dequantize(dataclasses.replace(q, **dict(zip(_TENSOR_FIELDS, tensors))), x.dtype), bias)
+    def dequantize(*tensors):
+        return _dequantize(dataclasses.replace(q, **dict(zip(_TENSOR_FIELDS, tensors))), dtype)
 
-    return torch.utils.checkpoint.checkpoint(linear, x, bias, *tensors, use_reentrant=False, context_fn=_keep_matmuls)
-
-
-def _keep_matmuls():  # selective checkpointing: recompute the dequantization, keep the product (y is needed anyway)
-    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-
-    keep = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
-    policy = lambda ctx, op, *a, **k: CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE  # noqa: E731
-    return create_selective_checkpoint_contexts(policy)
+    return torch.utils.checkpoint.checkpoint(dequantize, *(getattr(q, f) for f in _TENSOR_FIELDS), use_reentrant=False)
 
 
 class NF4Linear(nn.Module):
@@ -287,8 +279,8 @@ class NF4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # computes in x's dtype
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if torch.compiler.is_compiling():  # inside compile_blocks: see _recomputed_linear
-            return _recomputed_linear(x, bias, self.qweight)
+        if torch.compiler.is_compiling():  # inside compile_blocks: see _recomputed_weight
+            return F.linear(x, _recomputed_weight(self.qweight, x.dtype), bias)
         return NF4LinearFunction.apply(x, bias, self.qweight)
 
     def extra_repr(self) -> str:
