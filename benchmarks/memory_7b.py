@@ -2,13 +2,14 @@
 activation checkpointing. The table that tells a laptop user what fits in 8, 12, 16 and 24 GB.
 
     python benchmarks/memory_7b.py --out benchmarks/results          # needs a GPU with ~80 GB for the full row
+    python benchmarks/memory_7b.py --compile                         # also each row with compile_blocks()
 
 Shape: hidden 4096, 32 layers, 32 heads (MHA), intermediate 11008, vocab 32000 (Llama-2-7B), random weights,
 bf16 base, batch 1 x 512. One step = forward (loss only, chunked cross-entropy) + backward + AdamW step
 (fused; its states take the parameters' dtype: bf16 for full fine-tuning, fp32 for adapters). LoRA/QLoRA: r=16,
 alpha 32, all linear layers; QLoRA quantizes every Linear but lm_head to NF4 with double quantization.
-Peak = torch.cuda.max_memory_allocated over the step, after the model is built (what the caching allocator holds
-may be a little more).
+Peak = torch.cuda.max_memory_allocated over the second step (the first allocates AdamW's states and, with
+--compile, compiles), after the model is built (what the caching allocator holds may be a little more).
 """
 
 import argparse
@@ -35,25 +36,31 @@ def build(method):
     return model
 
 
-def row(method, checkpointing, batch=1, seq=512):
+def row(method, checkpointing, compiled=False, batch=1, seq=512):
     model = build(method)
     base = model.base_model if hasattr(model, "base_model") else model
     base.gradient_checkpointing = checkpointing
+    if compiled:
+        torch._dynamo.reset()  # a fresh cache per row: dynamo stops compiling Block.forward after 8 variants
+        base.compile_blocks()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     ids = torch.randint(0, SHAPE["vocab_size"], (batch, seq), device="cuda")
     torch.cuda.synchronize()
     weights = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    for _ in range(2):  # the second step has the optimizer states allocated: the steady-state peak
+    for step in range(2):  # the second step has the optimizer states allocated: the steady-state peak
+        if step == 1:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         loss = model(ids, labels=ids, return_logits=False).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
-    out = dict(method=method, activation_checkpointing=checkpointing, trainable=sum(p.numel() for p in params),
+    out = dict(method=method, activation_checkpointing=checkpointing, compiled=compiled,
+               trainable=sum(p.numel() for p in params),
                weights_gib=weights / 2**30, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
                seconds_2_steps=time.perf_counter() - t0, loss=loss.item())  # fmt: skip
     del model, opt, params, loss
@@ -66,24 +73,27 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--methods", default="qlora,lora,full")
+    ap.add_argument("--compile", action="store_true", help="also measure each row with compile_blocks()")
     args = ap.parse_args()
     rows = []
     for method in args.methods.split(","):
-        for ckpt in (False, True):
-            rows.append(row(method, ckpt))
-            print(json.dumps(rows[-1]), flush=True)
+        for compiled in (False, True) if args.compile else (False,):
+            for ckpt in (False, True):
+                rows.append(row(method, ckpt, compiled))
+                print(json.dumps(rows[-1]), flush=True)
     gpu, date = torch.cuda.get_device_name(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [
         f"# Peak memory at the 7B Llama shape, batch 1 x 512 ({gpu}, {date}, torch {torch.__version__})",
         "",
-        "Command: `python benchmarks/memory_7b.py`. " + __doc__.split("\n\n")[2].replace("\n", " "),
+        f"Command: `python benchmarks/memory_7b.py{' --compile' if args.compile else ''}`. "
+        + __doc__.split("\n\n")[2].replace("\n", " "),
         "",
-        "| method | activation checkpointing | trainable params | weights GiB | peak GiB | fits in 8 / 12 / 16 / 24 GB |",
-        "|---|---|---:|---:|---:|---|",
+        "| method | compile_blocks | activation checkpointing | trainable params | weights GiB | peak GiB | fits in 8 / 12 / 16 / 24 GB |",
+        "|---|---|---|---:|---:|---:|---|",
     ]
     for r in rows:
         fits = " / ".join("yes" if r["peak_gib"] * 2**30 < gb * 1e9 else "no" for gb in (8, 12, 16, 24))
-        lines.append(f"| {r['method']} | {'on' if r['activation_checkpointing'] else 'off'} | {r['trainable']:,d} | "
+        lines.append(f"| {r['method']} | {'on' if r['compiled'] else 'off'} | {'on' if r['activation_checkpointing'] else 'off'} | {r['trainable']:,d} | "
                      f"{r['weights_gib']:.2f} | {r['peak_gib']:.2f} | {fits} |")  # fmt: skip
     Path(args.out).mkdir(parents=True, exist_ok=True)
     stem = Path(args.out) / f"memory-7b-{time.strftime('%Y-%m-%d')}"
