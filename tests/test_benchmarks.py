@@ -85,3 +85,14 @@ def test_host_time_runs_on_the_cpu(monkeypatch, capsys):
     host_time.main(["--shape", "tiny", "--method", "lora_all", "--device", "cpu", "--steps", "1"])
     out = capsys.readouterr().out
     assert "tiny lora_all mode=None: step" in out and "forward: host" in out and "backward: host" in out
+
+
+def test_dequant_kernels_formulations_equal_the_library(monkeypatch):
+    """benchmarks/dequant_kernels.py (a GPU tool) on the CPU: each compiled formulation of the dequantization
+    gives the library's dequantize_nf4 bit for bit (on a GPU the script also times a Triton kernel)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import dequant_kernels
+
+    res = dequant_kernels.main(["--quick", "--device", "cpu"])
+    names = {"compiled_library", "compiled_nibbles", "compiled_per_block", "eager_library"}
+    assert names <= set(res) and all(res[n]["bit_identical"] for n in names)
