@@ -18,16 +18,24 @@ import torch
 
 import minipeft.nf4 as nf4
 
+_CODES = {}
+
+
+def nf4_code(device):  # the 16 NF4 values on the device, copied once (a copy per call would cost a host sync)
+    if device not in _CODES:
+        _CODES[device] = nf4.NF4_CODE.to(device)
+    return _CODES[device]
+
 
 def nibbles(q):  # a 16-entry table and two nibble lookups per byte, instead of the library's 256 x 2 pair table
-    code = nf4.NF4_CODE.to(q.packed.device)
+    code = nf4_code(q.packed.device)
     p = q.packed.to(torch.int32)
     vals = torch.stack([code[p >> 4], code[p & 15]], -1).view(-1, q.blocksize)
     return (vals * nf4._block_absmax(q)[:, None]).to(q.dtype).view(q.shape)
 
 
 def per_block(q):  # the packed bytes viewed per block (n_blocks, blocksize / 2): absmax indexed by row
-    code = nf4.NF4_CODE.to(q.packed.device)
+    code = nf4_code(q.packed.device)
     p = q.packed.view(-1, q.blocksize // 2).to(torch.int32)
     vals = torch.stack([code[p >> 4], code[p & 15]], -1)
     return (vals * nf4._block_absmax(q)[:, None, None]).to(q.dtype).view(q.shape)
@@ -52,7 +60,7 @@ def triton_variant():
 
     def run(q, block):
         out = torch.empty(q.shape, dtype=q.dtype, device=q.packed.device)
-        absmax, code = nf4._block_absmax(q), nf4.NF4_CODE.to(q.packed.device)
+        absmax, code = nf4._block_absmax(q), nf4_code(q.packed.device)
         n = q.packed.numel()
         kernel[(triton.cdiv(n, block),)](q.packed, absmax, code, out, n, BLOCK=block, HALF_BLOCKSIZE=q.blocksize // 2)
         return out
