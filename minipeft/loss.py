@@ -10,6 +10,8 @@ False) uses the chunked one, and train.py asks for it: at V = 128k and 4k tokens
 float64, which the gradient checks rely on.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -75,13 +77,9 @@ def chunk_loss_and_grad(logits, targets, inv_n, acc):
     return picked, g.mul_(inv_n).to(logits.dtype)
 
 
-_COMPILED = []
-
-
+@functools.cache
 def _compiled_chunk():  # built once, on first use: the chunk size is fixed, the last chunk's gets a dynamic graph
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(chunk_loss_and_grad))
-    return _COMPILED[0]
+    return torch.compile(chunk_loss_and_grad)
 
 
 def default_chunk(vocab_size):  # rows per chunk: one chunk's float32 logits near 256 MB (2**26 numbers)
