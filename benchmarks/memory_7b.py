@@ -3,6 +3,7 @@ activation checkpointing. The table that tells a laptop user what fits in 8, 12,
 
     python benchmarks/memory_7b.py --out benchmarks/results          # needs a GPU with ~80 GB for the full row
     python benchmarks/memory_7b.py --compile                         # also each row with compile_blocks()
+    python benchmarks/memory_7b.py --optimizer-in-backward           # also full fine-tuning stepped in backward
 
 Shape: hidden 4096, 32 layers, 32 heads (MHA), intermediate 11008, vocab 32000 (Llama-2-7B), random weights,
 bf16 base, batch 1 x 512. One step = forward (loss only, chunked cross-entropy) + backward + AdamW step
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from minipeft import LoraConfig, ModelConfig, Transformer, get_peft_model, quantize_model
+from minipeft.train import step_in_backward
 
 SHAPE = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
              num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)  # fmt: skip
@@ -36,7 +38,7 @@ def build(method):
     return model
 
 
-def row(method, checkpointing, compiled=False, batch=1, seq=512):
+def row(method, checkpointing, compiled=False, in_backward=False, batch=1, seq=512):
     model = build(method)
     base = model.base_model if hasattr(model, "base_model") else model
     base.gradient_checkpointing = checkpointing
@@ -46,6 +48,7 @@ def row(method, checkpointing, compiled=False, batch=1, seq=512):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    hooks = step_in_backward(opt) if in_backward else []  # TrainConfig(optimizer_in_backward=True) does this
     ids = torch.randint(0, SHAPE["vocab_size"], (batch, seq), device="cuda")
     torch.cuda.synchronize()
     weights = torch.cuda.memory_allocated()
@@ -55,11 +58,13 @@ def row(method, checkpointing, compiled=False, batch=1, seq=512):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         loss = model(ids, labels=ids, return_logits=False).loss
-        loss.backward()
-        opt.step()
+        loss.backward()  # with the hooks, each parameter is stepped here and its gradient freed
+        opt.step()  # (then a no-op: no parameter has a gradient left)
         opt.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
-    out = dict(method=method, activation_checkpointing=checkpointing, compiled=compiled,
+    for h in hooks:
+        h.remove()
+    out = dict(method=method, activation_checkpointing=checkpointing, compiled=compiled, in_backward=in_backward,
                trainable=sum(p.numel() for p in params),
                weights_gib=weights / 2**30, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
                seconds_2_steps=time.perf_counter() - t0, loss=loss.item())  # fmt: skip
@@ -74,18 +79,21 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--methods", default="qlora,lora,full")
     ap.add_argument("--compile", action="store_true", help="also measure each row with compile_blocks()")
+    ap.add_argument("--optimizer-in-backward", action="store_true", help="also full fine-tuning stepped in backward")
     args = ap.parse_args()
     rows = []
     for method in args.methods.split(","):
         for compiled in (False, True) if args.compile else (False,):
             for ckpt in (False, True):
-                rows.append(row(method, ckpt, compiled))
-                print(json.dumps(rows[-1]), flush=True)
+                for in_bwd in (False, True) if args.optimizer_in_backward and method == "full" else (False,):
+                    rows.append(row(method, ckpt, compiled, in_bwd))
+                    print(json.dumps(rows[-1]), flush=True)
     gpu, date = torch.cuda.get_device_name(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [
         f"# Peak memory at the 7B Llama shape, batch 1 x 512 ({gpu}, {date}, torch {torch.__version__})",
         "",
-        f"Command: `python benchmarks/memory_7b.py{' --compile' if args.compile else ''}`. "
+        f"Command: `python benchmarks/memory_7b.py{' --compile' if args.compile else ''}"
+        f"{' --optimizer-in-backward' if args.optimizer_in_backward else ''}{' --methods ' + args.methods if args.methods != 'qlora,lora,full' else ''}`. "
         + __doc__.split("\n\n")[2].replace("\n", " "),
         "",
         "| method | compile_blocks | activation checkpointing | trainable params | weights GiB | peak GiB | fits in 8 / 12 / 16 / 24 GB |",
@@ -93,7 +101,8 @@ def main():
     ]
     for r in rows:
         fits = " / ".join("yes" if r["peak_gib"] * 2**30 < gb * 1e9 else "no" for gb in (8, 12, 16, 24))
-        lines.append(f"| {r['method']} | {'on' if r['compiled'] else 'off'} | {'on' if r['activation_checkpointing'] else 'off'} | {r['trainable']:,d} | "
+        name = r["method"] + (" (optimizer in backward)" if r["in_backward"] else "")
+        lines.append(f"| {name} | {'on' if r['compiled'] else 'off'} | {'on' if r['activation_checkpointing'] else 'off'} | {r['trainable']:,d} | "
                      f"{r['weights_gib']:.2f} | {r['peak_gib']:.2f} | {fits} |")  # fmt: skip
     Path(args.out).mkdir(parents=True, exist_ok=True)
     stem = Path(args.out) / f"memory-7b-{time.strftime('%Y-%m-%d')}"

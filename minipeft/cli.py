@@ -73,6 +73,9 @@ def build_parser():
     g.add_argument("--save-every", type=int, default=0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--grad-checkpoint", action="store_true", help="recompute blocks in backward: less memory")
+    g.add_argument("--optimizer-in-backward", action="store_true",
+                   help="step each parameter inside backward and free its gradient: less memory (full fine-tuning); "
+                   "no gradient clipping, needs --grad-accum 1")  # fmt: skip
     g.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
                    help="torch.compile each block for training (faster on a GPU); MODE: a torch.compile mode, "
                    "e.g. reduce-overhead (adds CUDA graphs: fastest when every batch has one shape, as packed text)")  # fmt: skip
@@ -241,6 +244,8 @@ def cmd_finetune(args):
         lora_plus_ratio=args.lora_plus,
         out_dir=str(out),
         compile=args.compile,
+        max_grad_norm=None if args.optimizer_in_backward else 1.0,
+        optimizer_in_backward=args.optimizer_in_backward,
     )
     if args.method == "qlora":
         check_blocksize(args.blocksize)

@@ -24,6 +24,9 @@ LoRA+ (Hayou et al. 2024): with lora_plus_ratio = lambda, parameters named *lora
 Weight decay, when not 0, applies to matrices (dim >= 2) only, not to norms and biases (as in nanoGPT).
 Speed: compile=True runs the model's blocks through torch.compile (Transformer.compile_blocks); a mode string
 is passed on ("reduce-overhead" adds CUDA graphs, so each micro-batch first marks a new step for them).
+Memory: optimizer_in_backward=True steps each parameter inside backward, as soon as its gradient is complete,
+and frees that gradient, so the gradients of the whole model never exist at once (full fine-tuning's peak loses
+up to one copy of the weights). It needs grad_accum=1 and no clipping: both need every gradient at once.
 
 Checkpoints, in out_dir/checkpoint/. Never pickle: tensors go to safetensors, everything else to JSON.
     trainable.safetensors  the trainable parameters by name
@@ -104,6 +107,7 @@ class TrainConfig:
     progress: bool | None = None  # the tqdm bar; None: only when stderr is a terminal
     compile: bool | str = False  # torch.compile each block while training (Transformer.compile_blocks): True, or
     # a torch.compile mode, "reduce-overhead" adding CUDA graphs (fewer host launches: for small or LoRA-all models)
+    optimizer_in_backward: bool = False  # step each parameter in backward and free its gradient (see above)
 
     def __post_init__(self):
         def check(ok, name, valid):
@@ -125,6 +129,26 @@ class TrainConfig:
         check(self.autocast in ("auto", "bf16", "off"), "autocast", "'auto', 'bf16' or 'off'")
         c = self.compile
         check(isinstance(c, bool) or (isinstance(c, str) and c in COMPILE_MODES), "compile", f"one of {COMPILE_MODES}")
+        check(isinstance(self.optimizer_in_backward, bool), "optimizer_in_backward", "True or False")
+        if self.optimizer_in_backward and (self.grad_accum != 1 or self.max_grad_norm is not None):
+            raise ValueError(
+                f"TrainConfig.optimizer_in_backward=True needs grad_accum=1 and max_grad_norm=None (each parameter "
+                f"is stepped before the other gradients exist), got grad_accum={self.grad_accum}, "
+                f"max_grad_norm={self.max_grad_norm}"
+            )
+
+
+def step_in_backward(optimizer):
+    """Hooks that run optimizer.step() for each parameter as soon as backward has accumulated its gradient, then
+    free the gradient. At that moment it is the only parameter with a gradient (those before it were freed, those
+    after it are not computed yet), and torch's AdamW skips parameters without one: the step updates exactly it,
+    with its own state and its group's lr. Returns the hook handles: .remove() them when training ends."""
+
+    def hook(p):
+        optimizer.step()
+        p.grad = None
+
+    return [p.register_post_accumulate_grad_hook(hook) for g in optimizer.param_groups for p in g["params"]]
 
 
 def lr_multiplier(step, steps, warmup_steps, min_lr_ratio):
@@ -373,6 +397,7 @@ def train(model, train_data, val_data, cfg, *, resume=False, on_save=None):
     if cfg.compile:
         model.compile_blocks(**({} if cfg.compile is True else {"mode": cfg.compile}))
     model.train()
+    hooks = step_in_backward(optimizer) if cfg.optimizer_in_backward else []
     try:
         for step in range(start + 1, cfg.steps + 1):  # `step` optimizer steps are done once this one is
             t0 = time.perf_counter()
@@ -392,16 +417,18 @@ def train(model, train_data, val_data, cfg, *, resume=False, on_save=None):
                 loss += loss_i.item() * n / n_total
                 mask = b["attention_mask"]
                 tokens += b["input_ids"].numel() if mask is None else int(mask.sum())
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
+            grad_norm = None if hooks else torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
             lr = optimizer.param_groups[0]["lr"]  # the lr this step uses
-            optimizer.step()
+            if not hooks:  # (with optimizer_in_backward the step was taken inside backward)
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             seconds += time.perf_counter() - t0
             bar.update(1)
             write = False
             if step % cfg.log_every == 0 or step == cfg.steps:
-                entry = dict(step=step, loss=loss, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tokens / seconds)
+                norm = None if grad_norm is None else float(grad_norm)  # None: no gradient norm was computed
+                entry = dict(step=step, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=tokens / seconds)
                 metrics["train"].append(entry)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / seconds:.0f}")
                 if not show and cfg.progress is None:  # no terminal for a bar (a log file, CI): plain lines
@@ -421,6 +448,8 @@ def train(model, train_data, val_data, cfg, *, resume=False, on_save=None):
             if out_dir is not None and ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps):
                 ckpt = save_checkpoint(out_dir, step, model, named, optimizer, scheduler, cfg, on_save)
     finally:
+        for h in hooks:
+            h.remove()
         bar.close()
         model.train(was_training)
     last = metrics["eval"][-1] if metrics["eval"] else {}

@@ -155,6 +155,7 @@ def test_every_method_runs_and_generates(tmp_path, capsys, method):
         (["--model", "no-such-model"], "no-such-model"),
         (["--seq-len", "100000"], "exceeds the model's context"),
         (["--compile", "fast"], r"compile must be one of .*'reduce-overhead'.*got 'fast'"),
+        (["--optimizer-in-backward", "--grad-accum", "2"], "optimizer_in_backward=True needs grad_accum=1"),
     ],
 )
 def test_bad_input_is_a_clear_error(tmp_path, args, msg):
@@ -167,3 +168,13 @@ def test_unknown_method_is_rejected_by_argparse(capsys):
     with pytest.raises(SystemExit):
         main(["finetune", "--method", "ia3"])
     assert "invalid choice: 'ia3'" in capsys.readouterr().err
+
+
+def test_full_finetuning_with_the_optimizer_in_backward_learns(tmp_path):
+    """--optimizer-in-backward (full fine-tuning, no clipping): training runs through the hooks, logs no gradient
+    norm, and the held-out loss falls."""
+    out = finetune(tmp_path, "--method", "full", "--optimizer-in-backward", "--lr", "3e-4")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert all(e["grad_norm"] is None for e in metrics["train"])
+    assert metrics["eval"][-1]["val_loss"] < metrics["eval"][0]["val_loss"]
+    assert (out / "model").is_dir()

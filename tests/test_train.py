@@ -489,3 +489,38 @@ def test_compile_switch_trains_a_lora_model_like_eager(text_data):
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
     for n, w in runs[False][1].items():
         torch.testing.assert_close(runs[True][1][n], w, rtol=1e-4, atol=1e-6)
+
+
+def test_optimizer_in_backward_equals_the_plain_loop(text_data, tmp_path):
+    """optimizer_in_backward=True steps each parameter inside backward: the same weights, losses and saved optimizer
+    state as the plain loop (float64, full fine-tuning with tied embeddings, weight decay on matrices only, a warmup
+    and a cosine lr), no gradient left afterwards, and the hooks are gone when train() returns."""
+    kw = dict(steps=4, max_grad_norm=None, weight_decay=0.1, warmup_steps=1, save_every=4)
+    runs = {}
+    for in_backward in (False, True):
+        model = make_model(dtype=torch.float64, tie_word_embeddings=True)
+        out = tmp_path / str(in_backward)
+        m = train(model, *text_data, cfg(**kw, optimizer_in_backward=in_backward, out_dir=str(out)))
+        runs[in_backward] = model, m, load_file(out / "checkpoint" / "optimizer.safetensors")
+    (plain, m_plain, opt_plain), (fused, m_fused, opt_fused) = runs[False], runs[True]
+    for (n, p), q in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-14, msg=n)
+    assert [e["loss"] for e in m_fused["train"]] == pytest.approx([e["loss"] for e in m_plain["train"]], rel=1e-12)
+    assert opt_fused.keys() == opt_plain.keys()
+    for k in opt_plain:
+        torch.testing.assert_close(opt_fused[k], opt_plain[k], rtol=1e-10, atol=1e-16)
+    assert all(e["grad_norm"] is None for e in m_fused["train"])  # no norm is computed: the gradients never coexist
+    assert all(p.grad is None for p in fused.parameters())
+    before = [p.detach().clone() for p in fused.parameters()]
+    ids = torch.randint(3, 64, (1, 12))
+    fused(ids, labels=ids).loss.backward()
+    assert all(torch.equal(p, b) for p, b in zip(fused.parameters(), before))  # no hook steps after train()
+    assert all(p.grad is not None for p in fused.parameters())
+
+
+def test_optimizer_in_backward_refuses_accumulation_and_clipping():
+    for bad in (dict(grad_accum=2, max_grad_norm=None), dict(max_grad_norm=1.0)):
+        with pytest.raises(ValueError, match=r"optimizer_in_backward=True needs grad_accum=1 and max_grad_norm=None"):
+            TrainConfig(optimizer_in_backward=True, **bad)
+    with pytest.raises(ValueError, match=r"TrainConfig\.optimizer_in_backward must be True or False, got 1"):
+        TrainConfig(optimizer_in_backward=1)
