@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import minipeft.resume as resume_module
 import minipeft.train as train_module
 from minipeft.data import batch_stream, epoch_order, load_jsonl_dataset, load_text_dataset
 from minipeft.model import ModelConfig, Transformer
@@ -314,7 +315,7 @@ def test_resume_after_a_crash_is_bit_identical_to_an_uninterrupted_run(text_data
 
     # The test can fail: without the RNG states, dropout draws other masks and the weights differ.
     restore_checkpoint(tmp_path, saved)
-    monkeypatch.setattr(train_module, "set_rng_state", lambda tensors, state: None)
+    monkeypatch.setattr(resume_module, "set_rng_state", lambda tensors, state: None)
     torch.manual_seed(12345)
     other = dropout_model()
     train(other, *text_data, cfg(**RESUME, out_dir=str(tmp_path)), resume=True)
@@ -403,7 +404,7 @@ def test_an_infinite_loss_before_any_checkpoint_says_so(text_data):
 
 
 def test_a_save_that_fails_midway_leaves_the_previous_checkpoint_intact(text_data, tmp_path, monkeypatch):
-    real_save_file, calls, seen = train_module.save_file, [0], {}
+    real_save_file, calls, seen = resume_module.save_file, [0], {}
 
     def failing_save_file(tensors, path, *args, **kwargs):
         calls[0] += 1
@@ -412,7 +413,7 @@ def test_a_save_that_fails_midway_leaves_the_previous_checkpoint_intact(text_dat
             raise OSError("No space left on device")
         return real_save_file(tensors, path, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "save_file", failing_save_file)
+    monkeypatch.setattr(resume_module, "save_file", failing_save_file)
     with pytest.raises(OSError, match="No space left"):
         train(make_model(), *text_data, cfg(steps=3, save_every=1, out_dir=str(tmp_path)))
     assert json.loads(seen["trainer_state.json"])["step"] == 1
@@ -444,7 +445,7 @@ def test_checkpoint_layout_on_save_and_no_pickle(text_data, tmp_path):
     assert state["step"] == 2 and state["scheduler"]["last_epoch"] == 2
     assert {v["value"] for v in state["optimizer"]["scalars"].values()} == {2.0}  # AdamW's step counts
     assert set(state["rng"]) == {"python", "numpy"}
-    for source in ("train.py", "data.py"):
+    for source in ("train.py", "resume.py", "data.py"):
         text = (Path(train_module.__file__).parent / source).read_text()
         assert not re.search(r"import pickle|torch\.load|torch\.save|pickle\.", text), source
 

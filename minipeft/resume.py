@@ -1,0 +1,157 @@
+"""Training checkpoints: save a run's whole state atomically, and resume it bit for bit.
+
+Checkpoints, in out_dir/checkpoint/. Never pickle: tensors go to safetensors, everything else to JSON.
+    trainable.safetensors  the trainable parameters by name
+    optimizer.safetensors  AdamW's state.<i>.exp_avg and state.<i>.exp_avg_sq (i: the parameter's index)
+    rng.safetensors        torch_cpu: the CPU generator state (uint8); cuda.<d>: each CUDA device's
+    trainer_state.json     step, config, optimizer param_groups (with param_names) and step counts,
+                           scheduler state, python and numpy RNG states
+    + whatever on_save(model, path) writes there (the CLI adds the PEFT-format adapter)
+A save writes a temporary sibling directory, fsyncs it, moves the previous checkpoint aside to checkpoint.old,
+renames the new one in, and only then deletes the old one: a crash at any moment leaves a complete checkpoint
+(checkpoint/, or checkpoint.old/, which resume also finds). metrics.json is rewritten atomically.
+
+Resume restores all of it, so N steps interrupted after the save at step k and resumed give weights
+bit-identical to one uninterrupted N-step run on CPU, dropout included (the RNG states come back, and the data
+order is a pure function of (seed, step), see data.py). One check on an H200 (fused AdamW, bf16 autocast,
+dropout) was bit-identical too, though CUDA kernels do not promise it. train.py calls save_checkpoint,
+find_checkpoint and load_checkpoint; nothing here knows the loop.
+"""
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import atomic_write, fsync
+
+CHECKPOINT = "checkpoint"
+
+
+def write_json_atomic(obj, path):  # readers see the old file or the new one, never half of it
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
+
+
+def rng_state():
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda.{d}": s for d, s in enumerate(torch.cuda.get_rng_state_all())})
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return tensors, {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, cached]}
+
+
+def set_rng_state(tensors, state):
+    torch.set_rng_state(tensors["torch_cpu"])
+    for d in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        if f"cuda.{d}" in tensors:
+            torch.cuda.set_rng_state(tensors[f"cuda.{d}"], d)
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def optimizer_state(optimizer):
+    """AdamW's state_dict split in two: tensors (dim >= 1) for safetensors, everything else for JSON."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for i, state in sd["state"].items():
+        for key, v in state.items():
+            if v.dim() > 0:
+                tensors[f"state.{i}.{key}"] = v.detach().cpu().contiguous()
+            else:  # AdamW's per-parameter step count, a 0-dim float32 tensor
+                scalars[f"{i}.{key}"] = {"value": v.item(), "dtype": str(v.dtype).removeprefix("torch.")}
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_state(optimizer, tensors, meta):
+    state = {}
+    for key, t in tensors.items():
+        _, i, name = key.split(".", 2)
+        state.setdefault(int(i), {})[name] = t
+    for key, s in meta["scalars"].items():
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = torch.tensor(s["value"], dtype=getattr(torch, s["dtype"]))
+    groups = [{**g, "betas": tuple(g["betas"])} for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(out_dir, step, model, named_params, optimizer, scheduler, cfg, on_save=None):
+    """Write out_dir/checkpoint/ atomically (see the module docstring); returns its path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final, old = out_dir / CHECKPOINT, out_dir / f"{CHECKPOINT}.old"
+    tmp = out_dir / f".{CHECKPOINT}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)  # the leftover of an earlier crash
+    tmp.mkdir()
+    try:
+        save_file({n: p.detach().cpu().contiguous() for n, p in named_params}, tmp / "trainable.safetensors")
+        opt_tensors, opt_meta = optimizer_state(optimizer)
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        rng_tensors, rng_meta = rng_state()
+        save_file(rng_tensors, tmp / "rng.safetensors")
+        meta = {"format": "minipeft-checkpoint", "version": 1, "step": step, "config": asdict(cfg),
+                "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta}  # fmt: skip
+        (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1, default=str))
+        if on_save is not None:
+            on_save(model, tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                fsync(f)
+        fsync(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint was never touched
+        raise
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)  # checkpoint/ is good, so an old .old is stale
+        os.replace(final, old)  # 1. the previous checkpoint steps aside, still complete
+    os.replace(tmp, final)  # 2. the new one takes its name
+    fsync(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(out_dir):
+    for name in (CHECKPOINT, f"{CHECKPOINT}.old"):  # .old alone: a crash came between the two renames
+        if (Path(out_dir) / name / "trainer_state.json").is_file():
+            return Path(out_dir) / name
+    return None
+
+
+def load_checkpoint(path, named_params, optimizer, scheduler):
+    """Check, then restore parameters, optimizer, scheduler and RNGs from `path`; returns the trainer state."""
+    files = []
+    for name in ("trainer_state.json", "trainable.safetensors", "optimizer.safetensors", "rng.safetensors"):
+        try:
+            files.append(json.loads((path / name).read_text()) if name.endswith("json") else load_file(path / name))
+        except Exception as e:  # missing, truncated or corrupt
+            raise ValueError(f"cannot read checkpoint file {path / name}: {e}") from e
+    state, weights, opt_tensors, rng_tensors = files
+    have = {n: tuple(p.shape) for n, p in named_params}
+    saved = {n: tuple(t.shape) for n, t in weights.items()}
+    for n in sorted(have.keys() | saved.keys()):
+        if have.get(n) != saved.get(n):
+            raise ValueError(
+                f"cannot resume from {path}: trainable parameter {n!r} has shape "
+                f"{saved.get(n, 'missing')} in the checkpoint and {have.get(n, 'missing')} in the model"
+            )
+    names_now = [g["param_names"] for g in optimizer.param_groups]
+    names_saved = [g["param_names"] for g in state["optimizer"]["param_groups"]]
+    if names_now != names_saved:
+        raise ValueError(
+            f"cannot resume from {path}: its optimizer groups {names_saved} differ from this run's {names_now} "
+            "(were lora_plus_ratio or weight_decay changed?)"
+        )
+    with torch.no_grad():
+        for n, p in named_params:
+            p.copy_(weights[n])
+    load_optimizer_state(optimizer, opt_tensors, state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(rng_tensors, state["rng"])
+    return state
