@@ -103,3 +103,14 @@ def test_dequant_kernels_formulations_equal_the_library(monkeypatch):
     res = dequant_kernels.main(["--quick", "--device", "cpu"])
     names = {"compiled_library", "compiled_nibbles", "compiled_per_block", "eager_library"}
     assert names <= set(res) and all(res[n]["bit_identical"] for n in names)
+
+
+def test_loss_chunks_eager_and_fused_agree(monkeypatch):
+    """benchmarks/loss_chunks.py (a GPU tool) on the CPU: eager and fused chunks give the same loss and gradient."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import loss_chunks
+
+    rows = loss_chunks.main(["--device", "cpu", "--quick"])
+    assert len(rows) == 8
+    assert max(r["loss"] for r in rows) - min(r["loss"] for r in rows) < 1e-4
+    assert max(r["grad_h_norm"] for r in rows) / min(r["grad_h_norm"] for r in rows) < 1 + 1e-2
