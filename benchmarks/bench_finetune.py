@@ -352,10 +352,16 @@ def compile_layers(model):
     return model
 
 
+def checkpointed(model):  # --grad-checkpoint: each block recomputed in backward (less memory, more time)
+    (model.base_model if hasattr(model, "base_model") else model).gradient_checkpointing = True
+    return model
+
+
 SWITCHES = {  # name -> (side, fn)
     "compile": ("minipeft", compile_layers),
     "compile_cg": ("minipeft", lambda model: model.compile_blocks(mode="reduce-overhead")),  # + CUDA graphs
     "compile_oib": ("minipeft", lambda model: model.compile_blocks()),  # + the optimizer stepped in backward
+    "compile_gc": ("minipeft", lambda model: checkpointed(model).compile_blocks()),  # + activation checkpointing
     "hf_compile": ("hf", compile_layers),
 }
 
@@ -676,7 +682,9 @@ def targets(res):
     Each minipeft figure is given for the plain (eager) rows and, where the run has them, the rows with the
     compile switch; the HF side is always transformers + peft as shipped (eager). `met`: by either variant."""
     out, rows, peak = [], res["rows"], res["peak"]["tflops"]
-    variants = [None] + [v for v in ("compile", "compile_cg", "compile_oib") if any(r.get("lever") == v for r in rows)]
+    variants = [None] + [
+        v for v in ("compile", "compile_cg", "compile_oib", "compile_gc") if any(r.get("lever") == v for r in rows)
+    ]
 
     def ratio(x, y, key):
         return x and y and x.get(key) and y.get(key) and x[key] / y[key]

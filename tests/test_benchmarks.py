@@ -56,19 +56,21 @@ def test_bench_finetune_quick_cpu(tmp_path):
 
 def test_bench_finetune_compile_switch_row(tmp_path):
     """--switches compile adds a minipeft row with compiled blocks: it runs and computes the eager row's loss;
-    compile_oib (the optimizer stepped in backward as well) trains to the compiled row's last loss."""
+    compile_oib (the optimizer stepped in backward as well) and compile_gc (activation checkpointing as well) train
+    to the compiled row's last loss."""
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_finetune.py"), "--quick", "--device", "cpu",
            "--out", str(tmp_path), "--name", "c", "--sides", "minipeft", "--methods", "lora_all",
-           "--switches", "compile,compile_oib", "--extras", "none"]  # fmt: skip
+           "--switches", "compile,compile_oib,compile_gc", "--extras", "none"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {r["lever"]: r for r in json.loads((tmp_path / "c.json").read_text())["rows"]}
-    assert set(rows) == {None, "compile", "compile_oib"} and "error" not in rows["compile"], rows["compile"].get(
-        "error"
-    )
+    assert set(rows) == {None, "compile", "compile_oib", "compile_gc"} and "error" not in rows["compile"], rows[
+        "compile"
+    ].get("error")
     assert abs(rows["compile"]["loss_first"] - rows[None]["loss_first"]) < 1e-3
-    assert rows["compile_oib"]["loss_last"] == pytest.approx(rows["compile"]["loss_last"], rel=1e-5)
+    for lever in ("compile_oib", "compile_gc"):
+        assert rows[lever]["loss_last"] == pytest.approx(rows["compile"]["loss_last"], rel=1e-5), lever
     assert rows["compile_oib"]["loss_last"] < rows["compile_oib"]["loss_first"]  # the in-backward steps happened
     assert "| minipeft + compile | lora_all |" in (tmp_path / "c.md").read_text()
 
