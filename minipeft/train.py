@@ -259,6 +259,7 @@ def train(model, train_data, val_data, cfg, *, resume=False, on_save=None):
     if cfg.compile:
         model.compile_blocks(**({} if cfg.compile is True else {"mode": cfg.compile}))
     model.train()
+    optimizer.zero_grad(set_to_none=True)  # a gradient left from before train() must not enter the first step
     hooks = step_in_backward(optimizer) if cfg.optimizer_in_backward else []
     try:
         for step in range(start + 1, cfg.steps + 1):  # `step` optimizer steps are done once this one is

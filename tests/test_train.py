@@ -525,3 +525,17 @@ def test_optimizer_in_backward_refuses_accumulation_and_clipping():
             TrainConfig(optimizer_in_backward=True, **bad)
     with pytest.raises(ValueError, match=r"TrainConfig\.optimizer_in_backward must be True or False, got 1"):
         TrainConfig(optimizer_in_backward=1)
+
+
+def test_a_gradient_left_from_before_train_does_not_enter_the_first_step(text_data):
+    """train() starts from no gradient: a stale .grad (a backward the user ran before) changes nothing, with or
+    without the optimizer in backward (whose first hook would otherwise step that parameter too)."""
+    for in_backward in (False, True):
+        kw = dict(steps=2, max_grad_norm=None, optimizer_in_backward=in_backward)
+        clean = make_model(dtype=torch.float64)
+        train(clean, *text_data, cfg(**kw))
+        stale = make_model(dtype=torch.float64)
+        for p in stale.parameters():
+            p.grad = torch.full_like(p, 100.0)
+        train(stale, *text_data, cfg(**kw))
+        assert all(torch.equal(p, q) for p, q in zip(stale.parameters(), clean.parameters())), in_backward
