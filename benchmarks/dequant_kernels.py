@@ -89,10 +89,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="a 64 x 256 weight, 3 calls each: a smoke run")
+    ap.add_argument("--shape", default=None, help="OUT,IN of the weight (default 16384,8192; 64,256 with --quick)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     shape, reps = ((64, 256), 3) if args.quick else ((16384, 8192), 50)
+    if args.shape:
+        shape = tuple(int(x) for x in args.shape.split(","))
     w = torch.randn(*shape, device=device, dtype=torch.bfloat16) * 0.02
     q = nf4.quantize_nf4(w, blocksize=64, double_quant=True)
     ref = nf4.dequantize_nf4(q)

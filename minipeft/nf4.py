@@ -197,7 +197,9 @@ def _pair_table(device) -> Tensor:
 
 def _dequantize(q: NF4Weight, dtype: torch.dtype) -> Tensor:
     n = q.shape.numel()
-    values = _pair_table(q.packed.device)[q.packed.long()].reshape(-1)[:n]  # (n,) float32 code values
+    # index_select with int32 indices, not table[q.packed.long()]: the same values, 2x faster on a 2-core CPU
+    # (2048 x 2048: 7.5 -> 3.8 ms, `python benchmarks/dequant_kernels.py --device cpu --shape 2048,2048`)
+    values = _pair_table(q.packed.device).index_select(0, q.packed.int()).reshape(-1)[:n]  # (n,) float32 codes
     absmax = _block_absmax(q)  # (n_blocks,)
     if n % q.blocksize == 0:  # whole blocks: a view, no padding copy
         w = (values.view(-1, q.blocksize) * absmax[:, None]).reshape(-1)
