@@ -545,8 +545,10 @@ def bench_generation(env, args):
     }
     outs = {k: m.generate(ids, max_new_tokens=min(new, 32)) for k, m in models.items()}  # warm-up
     times = {k: [] for k in models}
-    for _ in range(reps):  # interleaved rounds, so that drifts of the (host-bound) speed hit all three alike
-        for k, m in models.items():
+    order = list(models)
+    for r in range(reps):  # interleaved rounds, so that drifts of the (host-bound) speed hit all three alike;
+        for k in order[r % 3 :] + order[: r % 3]:  # the order rotates: none always runs right after another
+            m = models[k]
             sync(device)
             t = time.perf_counter()
             m.generate(ids, max_new_tokens=new)
