@@ -1,13 +1,17 @@
 """The tokenizer against transformers: SmolLM2's GGUF tokenizer (ids, special tokens, chat template), the
-folders we write (read back by AutoTokenizer), and where special tokens come from in HF-style folders."""
+folders we write (read back by AutoTokenizer), where special tokens come from in HF-style folders, and long
+text encoded in pieces against the same text encoded whole."""
 
 import json
 import re
+from pathlib import Path
 
+import numpy as np
 import pytest
+from tokenizers import AddedToken
 
 from minipeft.gguf import read_gguf
-from minipeft.tokenizer import Tokenizer
+from minipeft.tokenizer import PIECE_CHARS, SAFE_CUT, Tokenizer
 
 TEXTS = [
     "Hello world",
@@ -173,3 +177,49 @@ def test_bad_tokenizers(tmp_path, gguf_metadata):
         other.apply_chat_template([{"role": "user", "content": "hi"}])
     with pytest.raises(ValueError, match="message 0 must be a dict with 'role' and 'content'"):
         Tokenizer.from_gguf_metadata(gguf_metadata).apply_chat_template([{"content": "hi"}])
+
+
+# ---- long text: encode_long equals encode, in bounded pieces ----------------------------------------------------
+SONNETS = Path(__file__).parent.parent / "minipeft" / "assets" / "data" / "sonnets.txt"
+TRICKY = "It's 2024: x1y2 and v2.0.1 don't  double  spaces,\ttabs\n\nblank lines 日本語 🤗 <|endoftext|> <|im_end|>"
+
+
+def long_texts():
+    text = SONNETS.read_text(encoding="utf-8")  # 95 KB of real verse: apostrophes, punctuation, numbers, newlines
+    return [text, text.replace("\n", " "), TRICKY * 200]  # as written, as one single line, and the odd cases
+
+
+@pytest.mark.parametrize("which", ["tiny-shakespeare", "smollm2"])
+def test_encode_long_equals_encode_of_the_whole_text(which, request):
+    tok = Tokenizer.from_file(SONNETS.parents[1] / "tiny-shakespeare") if which == "tiny-shakespeare" else None
+    tok = tok or request.getfixturevalue("tok")  # SmolLM2's, from the GGUF: digits split first, then GPT-2's regex
+    assert tok.cuts_are_exact
+    for text in long_texts():
+        whole = tok.encode(text)
+        assert len(SAFE_CUT.findall(text)) > 1000  # many places to cut: the test cuts at every one of them
+        for piece_chars in (1, 97, PIECE_CHARS):
+            ids = tok.encode_long(text, piece_chars)
+            assert ids.dtype == np.int32 and ids.tolist() == whole
+        # The control: cutting anywhere else changes the ids, so the equality above is worth something.
+        naive = [i for start in range(0, len(text), 97) for i in tok.encode(text[start : start + 97])]
+        assert naive != whole
+    assert tok.encode_long("").tolist() == []
+
+
+def test_encode_long_encodes_whole_where_cuts_would_not_be_exact(tmp_path):
+    from tokenizers import normalizers
+    from tokenizers import pre_tokenizers as pt
+
+    folder = tiny_folder(tmp_path / "t")
+    text = "To be, or not to be, that is the question. " * 30
+    for change in (
+        lambda r: setattr(r, "normalizer", normalizers.Prepend("▁")),  # every piece would get its own "▁"
+        lambda r: setattr(r, "pre_tokenizer", pt.ByteLevel(add_prefix_space=True)),  # and its own space
+        lambda r: setattr(r, "pre_tokenizer", pt.Metaspace()),
+        lambda r: r.add_tokens([AddedToken("be,", rstrip=True)]),  # eats the space after it
+    ):
+        tok = Tokenizer.from_file(folder)
+        change(tok.tokenizer)
+        assert not tok.cuts_are_exact
+        assert tok.encode_long(text, piece_chars=5).tolist() == tok.encode(text)
+    assert Tokenizer.from_file(folder).cuts_are_exact
