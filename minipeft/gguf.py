@@ -25,6 +25,12 @@ GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "
 GGUF_CONFIG = {"hidden_size": "embedding_length", "intermediate_size": "feed_forward_length",
                "num_hidden_layers": "block_count", "num_attention_heads": "attention.head_count",
                "rms_norm_eps": "attention.layer_norm_rms_epsilon"}  # fmt: skip
+# The type each metadata value read here must have (a float may also be an int), checked before any is used
+GGUF_KEY_TYPES = {**{f"llama.{k}": float if k.endswith("epsilon") else int for k in GGUF_CONFIG.values()},
+                  **dict.fromkeys(["llama.vocab_size", "llama.attention.head_count_kv", "llama.attention.key_length",
+                                   "llama.context_length", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"], int),
+                  "llama.rope.freq_base": float, "llama.rope.scaling.factor": float, "general.architecture": str,
+                  "llama.rope.scaling.type": str, "tokenizer.ggml.tokens": list}  # fmt: skip
 
 
 def read_gguf(path):
@@ -33,17 +39,17 @@ def read_gguf(path):
         import gguf
     except ImportError:
         raise ImportError("reading .gguf files needs the gguf package: pip install 'minipeft[gguf]'") from None
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, IndexError, KeyError, OSError) as e:  # a short file fails in numpy's reshape/view
-        raise ValueError(f"{path} is not a valid GGUF file, or it is truncated: {e}") from None
 
     def value(field):  # what field.contents() gives in gguf >= 0.16; this works from 0.10 on
         kind, parts = field.types[-1], [field.parts[i] for i in field.data]
         values = [bytes(p).decode() if kind == gguf.GGUFValueType.STRING else p.tolist()[0] for p in parts]
         return values if field.types[0] == gguf.GGUFValueType.ARRAY else values[0]
 
-    return reader, {k: value(f) for k, f in reader.fields.items()}
+    try:  # a short or corrupt file fails in numpy's reshape/view, in the reader's checks, or in decoding
+        reader = gguf.GGUFReader(path)
+        return reader, {k: value(f) for k, f in reader.fields.items()}
+    except (ValueError, IndexError, KeyError, OSError, TypeError, OverflowError, MemoryError) as e:
+        raise ValueError(f"{path} is not a valid GGUF file, or it is truncated or corrupt: {e}") from None
 
 
 def config_from_gguf(md, tensor_names, source="GGUF"):
@@ -53,22 +59,33 @@ def config_from_gguf(md, tensor_names, source="GGUF"):
         )
     if missing := [f"llama.{k}" for k in GGUF_CONFIG.values() if f"llama.{k}" not in md]:
         raise ValueError(f"{source}: missing GGUF metadata key(s) {missing}")
+    if "llama.vocab_size" not in md and "tokenizer.ggml.tokens" not in md:
+        raise ValueError(f"{source}: missing GGUF metadata llama.vocab_size (and no tokenizer.ggml.tokens to count)")
+    for key, want in GGUF_KEY_TYPES.items():
+        if key in md and type(md[key]) not in ((int, float) if want is float else (want,)):
+            got = f"{md[key]!r}"[:60]
+            raise ValueError(
+                f"{source}: GGUF metadata {key} must be {want.__name__}, got {got} ({type(md[key]).__name__})"
+            )
     scaling = md.get("llama.rope.scaling.type", "none")
     if scaling not in ("none", "linear"):
         raise ValueError(f"{source}: llama.rope.scaling.type {scaling!r} not supported; supported: none, linear")
     linear = {"rope_type": "linear", "factor": md.get("llama.rope.scaling.factor")}
-    return ModelConfig(
-        **{ours: md[f"llama.{key}"] for ours, key in GGUF_CONFIG.items()},
-        vocab_size=md.get("llama.vocab_size") or len(md["tokenizer.ggml.tokens"]),
-        num_key_value_heads=md.get("llama.attention.head_count_kv"),
-        head_dim=md.get("llama.attention.key_length"),
-        rope_theta=md.get("llama.rope.freq_base", 10000.0),
-        rope_scaling=linear if scaling == "linear" else None,
-        max_position_embeddings=md.get("llama.context_length", 2048),
-        tie_word_embeddings="output.weight" not in tensor_names,  # no output matrix: llama.cpp reuses token_embd
-        bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=md.get("tokenizer.ggml.eos_token_id"),
-    )
+    try:
+        return ModelConfig(
+            **{ours: md[f"llama.{key}"] for ours, key in GGUF_CONFIG.items()},
+            vocab_size=md.get("llama.vocab_size") or len(md["tokenizer.ggml.tokens"]),
+            num_key_value_heads=md.get("llama.attention.head_count_kv"),
+            head_dim=md.get("llama.attention.key_length"),
+            rope_theta=md.get("llama.rope.freq_base", 10000.0),
+            rope_scaling=linear if scaling == "linear" else None,
+            max_position_embeddings=md.get("llama.context_length", 2048),
+            tie_word_embeddings="output.weight" not in tensor_names,  # no output matrix: llama.cpp reuses token_embd
+            bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
+            eos_token_id=md.get("tokenizer.ggml.eos_token_id"),
+        )
+    except ValueError as e:  # a value out of range (ModelConfig checks them all): say which file
+        raise ValueError(f"{source}: {e}") from None
 
 
 def hf_name(name):  # blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight; unknown names stay as they are

@@ -8,7 +8,8 @@ Pieces, in reading order:
   position * theta_i, so q.k depends only on the distance between positions. HF's "rotate_half" layout
   (channel i pairs with i + head_dim/2), with optional Llama-3 frequency scaling.
 - Grouped-query attention (Ainslie et al. 2023): n_heads query heads share n_kv_heads key/value heads,
-  computed by torch's scaled_dot_product_attention.
+  computed by torch's scaled_dot_product_attention. Optionally (Mistral) a sliding window: query q sees key k
+  only if 0 <= q - k < sliding_window, so each query sees at most sliding_window positions, itself included.
 - SwiGLU MLP (Shazeer 2020): down(silu(gate(x)) * up(x)).
 
 Shapes: B batch, T new tokens, S = past + T keys, D hidden, H query heads, K kv heads, hd head dim, V vocab.
@@ -33,6 +34,11 @@ import torch.nn.functional as F
 from .decoding import generate
 from .loss import HALF, causal_lm_loss, chunked_causal_lm_loss
 
+# rope_scaling types and the keys each needs (rope_inv_freq); every one must be a positive number
+ROPE_KEYS = {"default": (), "linear": ("factor",), "llama3": ("factor", "original_max_position_embeddings")}
+POSITIVE_INTS = ("vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads num_key_value_heads "
+                 "head_dim max_position_embeddings sliding_window").split()  # fmt: skip
+
 
 @dataclass
 class ModelConfig:
@@ -47,6 +53,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor": 8.0, ...} or {"rope_type": "linear", ...}
     max_position_embeddings: int = 2048
+    sliding_window: int | None = None  # Mistral: a query sees only the last sliding_window positions (its own too)
     tie_word_embeddings: bool = True
     attention_bias: bool = False  # bias on q, k, v (and o unless attention_out_bias says otherwise)
     mlp_bias: bool = False
@@ -56,24 +63,46 @@ class ModelConfig:
     extra: dict = field(default_factory=dict, repr=False)  # config.json keys we carry but do not use
 
     def __post_init__(self):
+        """Every value is checked here, so that a bad config fails at once, before any tensor exists."""
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-        ):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        for name in POSITIVE_INTS:  # below 2**31: a sanity bound far above any real model; shapes fit in int64
+            v = getattr(self, name)
+            if name == "head_dim" and v is None:  # hidden_size and num_attention_heads are checked by now
+                if self.hidden_size % self.num_attention_heads:
+                    raise ValueError(
+                        f"hidden_size ({self.hidden_size}) is not a multiple of num_attention_heads "
+                        f"({self.num_attention_heads}): set head_dim"
+                    )
+                v = self.head_dim = self.hidden_size // self.num_attention_heads
+            if not (_is_int(v) and 0 < v < 2**31 or name == "sliding_window" and v is None):
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {v!r}")
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim must be even (rotary turns channels in pairs), got {self.head_dim}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
+        if not (_is_number(self.rms_norm_eps) and 0 <= self.rms_norm_eps < math.inf):
+            raise ValueError(f"ModelConfig.rms_norm_eps must be a finite number >= 0, got {self.rms_norm_eps!r}")
+        if not (_is_number(self.rope_theta) and 0 < self.rope_theta < math.inf):
+            raise ValueError(f"ModelConfig.rope_theta must be a finite number > 0, got {self.rope_theta!r}")
+        if not isinstance(rs := self.rope_scaling or {}, dict):
+            raise ValueError(f"ModelConfig.rope_scaling must be a dict or None, got {rs!r}")
+        if (kind := rs.get("rope_type", rs.get("type", "default"))) not in tuple(ROPE_KEYS):
+            raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: {', '.join(ROPE_KEYS)}")
+        for key in ROPE_KEYS[kind] + tuple(k for k in ("low_freq_factor", "high_freq_factor") if k in rs):
+            if not (_is_number(rs.get(key)) and 0 < rs[key] < math.inf):
+                raise ValueError(f"rope_scaling[{key!r}] must be a positive number, got {rs.get(key)!r}")
+
+
+def _is_int(x):  # a bool is an int to Python, never to a config
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 class RMSNorm(nn.Module):
@@ -293,18 +322,21 @@ class Transformer(nn.Module):
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return ModelOutput(logits=logits, loss=loss, past_key_values=cache)
 
-    @staticmethod
-    def attention_mask(attention_mask, B, T, past, device):
+    def attention_mask(self, attention_mask, B, T, past, device):
         """Boolean (B, 1, T, S) mask, True = may attend; None when plain causal attention does the job."""
-        if attention_mask is None and (past == 0 or T == 1):
+        S, window = past + T, self.config.sliding_window
+        slides = window is not None and S > window  # else no key is ever out of the window
+        if attention_mask is None and not slides and (past == 0 or T == 1):
             return None  # SDPA's is_causal (or no mask at all for one new token)
-        S = past + T
-        q_pos = torch.arange(past, S, device=device)[:, None]
-        mask = (torch.arange(S, device=device)[None, :] <= q_pos)[None, None]  # (1, 1, T, S) causal
+        q_pos, k_pos = torch.arange(past, S, device=device)[:, None], torch.arange(S, device=device)[None, :]
+        mask = k_pos <= q_pos  # (T, S) causal
+        if slides:  # Mistral's sliding window (as transformers): key k is seen from query q iff q - k < window
+            mask = mask & (q_pos - k_pos < window)
+        mask = mask[None, None]  # (1, 1, T, S)
         if attention_mask is not None:
             mask = mask & attention_mask.bool()[:, None, None, :]
             # A padding query sees no key at all, which would make softmax NaN: let it see itself.
-            mask = mask | (torch.arange(S, device=device)[None, :] == q_pos)[None, None]
+            mask = mask | (k_pos == q_pos)[None, None]
         return mask.expand(B, 1, T, S)
 
     @torch.no_grad()

@@ -59,6 +59,8 @@ HF_CASES = {
     "qwen2-tied": ("qwen2", dict(tie_word_embeddings=True)),
     "qwen2-untied": ("qwen2", dict(tie_word_embeddings=False)),
     "mistral": ("mistral", dict(sliding_window=None)),
+    "mistral-window": ("mistral", dict(sliding_window=5)),  # shorter than IDS: the window matters
+    "qwen2-window": ("qwen2", dict(use_sliding_window=True, sliding_window=5, max_window_layers=0)),  # every layer
 }
 
 
@@ -96,6 +98,9 @@ def test_missing_config_keys_take_transformers_defaults(kind):
     assert dtype == torch.float32
     for k in ("rms_norm_eps", "tie_word_embeddings", "max_position_embeddings", "num_key_value_heads"):
         assert getattr(cfg, k) == getattr(ref, k), k
+    assert cfg.sliding_window == getattr(
+        ref, "sliding_window", None
+    )  # mistral 4096; qwen2 none (no use_sliding_window)
     assert cfg.rope_theta == ref.rope_parameters["rope_theta"]
 
 
@@ -156,27 +161,62 @@ def test_save_is_atomic_and_keeps_foreign_files(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+def test_sliding_window_round_trips_and_transformers_reads_it(tmp_path):
+    import transformers
+
+    hf = hf_model("mistral", sliding_window=5)
+    hf.save_pretrained(tmp_path / "hf")
+    model, _ = load_pretrained(tmp_path / "hf")
+    assert model.config.sliding_window == 5 and "sliding_window" not in model.config.extra
+    save_pretrained(model, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert (config["model_type"], config["sliding_window"]) == ("mistral", 5)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    assert type(again).__name__ == "MistralForCausalLM" and rel(logits(again), logits(hf)) < 1e-5
+    # A window set on ModelConfig: written as Mistral (Llama has none); a qwen2 gets it on every layer.
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**TINY, sliding_window=4)).eval()
+    save_pretrained(model, tmp_path / "new")
+    assert rel(logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "new")), logits(model)) < 1e-5
+    model.config.extra["model_type"] = "llama"
+    with pytest.raises(ValueError, match="cannot write a Hugging Face 'llama' config with .*sliding_window=4"):
+        save_pretrained(model, tmp_path / "llama")
+    qwen = Transformer(ModelConfig(**TINY, attention_bias=True, attention_out_bias=False, sliding_window=4)).eval()
+    save_pretrained(qwen, tmp_path / "qwen")
+    hf_qwen = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "qwen").eval()
+    assert type(hf_qwen).__name__ == "Qwen2ForCausalLM" and rel(logits(hf_qwen), logits(qwen)) < 1e-5
+
+
+def test_qwen2_window_on_some_layers_only_is_refused(tmp_path):
+    hf_model("qwen2", use_sliding_window=True, sliding_window=5, max_window_layers=1).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"config.json: use_sliding_window on some layers only \(max_window_layers=1"):
+        load_pretrained(tmp_path)
+    edit_config(tmp_path, max_window_layers=2, layer_types=None)  # no layer reaches the window: full attention
+    model, _ = load_pretrained(tmp_path)
+    assert model.config.sliding_window is None
+
+
 # ---- GGUF: tiny files written with the gguf package --------------------------------------------------------------
 def llamacpp_permute(w, n_head):
     """llama.cpp's convert_hf_to_gguf.py: HF rotate_half row order -> GGUF's interleaved pairs."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path, hf, types=None, arch="llama", extra_tensor=None):
-    """Write `hf` (a transformers Llama) as llama.cpp would; types: {hf name part: GGML type name}."""
+def write_gguf(path, hf, types=None, arch="llama", extra_tensor=None, metadata=None):
+    """Write `hf` (a transformers Llama) as llama.cpp would; types: {hf name part: GGML type name}; metadata:
+    {key without "llama.": value} replacing or adding metadata (int -> uint32, float -> float32, str, bool, list)."""
     import gguf
 
     cfg, types = hf.config, types or {}
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    w.add_vocab_size(cfg.vocab_size)
+    md = {"block_count": cfg.num_hidden_layers, "context_length": cfg.max_position_embeddings,
+          "embedding_length": cfg.hidden_size, "feed_forward_length": cfg.intermediate_size,
+          "attention.head_count": cfg.num_attention_heads, "attention.head_count_kv": cfg.num_key_value_heads,
+          "attention.layer_norm_rms_epsilon": cfg.rms_norm_eps, "rope.freq_base": cfg.rope_parameters["rope_theta"],
+          "vocab_size": cfg.vocab_size, **(metadata or {})}  # fmt: skip
+    for key, value in md.items():
+        add = {bool: w.add_bool, int: w.add_uint32, float: w.add_float32, str: w.add_string}.get(type(value))
+        (add or w.add_array)(f"{arch}.{key}", value)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
     for key, t in hf.state_dict().items():
         if key == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -459,6 +499,48 @@ def test_bad_gguf(tmp_path):
             load_pretrained(tmp_path / "cut.gguf")
     with pytest.raises(ValueError, match="GGUF architecture 'gpt2' is not supported"):
         load_pretrained(write_gguf(tmp_path / "g.gguf", hf, arch="gpt2"))
+    corrupt = bytearray(data)
+    at = corrupt.index(b"llama.block_count")
+    corrupt[at : at + 5] = b"\xff\xfe\xfd\xfc\xfb"  # a metadata key that is no UTF-8
+    (tmp_path / "bytes.gguf").write_bytes(corrupt)
+    with pytest.raises(
+        ValueError, match=r"bytes.gguf is not a valid GGUF file, or it is truncated or corrupt: 'utf-8'"
+    ):
+        load_pretrained(tmp_path / "bytes.gguf")
+
+
+@pytest.mark.parametrize(
+    "metadata, match",
+    [
+        (dict(block_count="2"), r"GGUF metadata llama.block_count must be int, got '2' \(str\)"),
+        (dict(embedding_length=64.0), r"GGUF metadata llama.embedding_length must be int, got 64.0 \(float\)"),
+        (dict(block_count=True), r"GGUF metadata llama.block_count must be int, got True \(bool\)"),
+        (dict(**{"attention.head_count": [4, 4]}), r"llama.attention.head_count must be int, got \[4, 4\] \(list\)"),
+        (dict(**{"attention.layer_norm_rms_epsilon": "1e-5"}), r"layer_norm_rms_epsilon must be float, got '1e-5'"),
+        (dict(**{"attention.layer_norm_rms_epsilon": -1.0}), r"rms_norm_eps must be a finite number >= 0, got -1.0"),
+        (dict(**{"rope.freq_base": 0.0}), r"rope_theta must be a finite number > 0, got 0.0"),
+        (dict(**{"rope.scaling.type": "linear"}), r"rope_scaling\['factor'\] must be a positive number, got None"),
+        (dict(context_length=0), r"max_position_embeddings must be a positive integer, got 0"),
+    ],
+)
+def test_gguf_metadata_of_the_wrong_type_or_value(tmp_path, metadata, match):
+    path = write_gguf(tmp_path / "m.gguf", hf_model(), metadata=metadata)
+    with pytest.raises(ValueError, match=r"m.gguf: .*" + match) as info:
+        load_pretrained(path)
+    assert "\n" not in str(info.value)
+
+
+def test_gguf_layer_count_and_nan_weights(tmp_path, monkeypatch):
+    hf = hf_model()
+    path = write_gguf(tmp_path / "m.gguf", hf, metadata=dict(block_count=1_000_000))
+    monkeypatch.setattr(checkpoint, "Transformer", lambda *a: pytest.fail("model built before the check"))
+    with pytest.raises(ValueError, match=r"m.gguf: num_hidden_layers=1000000, the weights hold 2 layer"):
+        load_pretrained(path)
+    monkeypatch.undo()
+    with torch.no_grad():
+        hf.model.layers[1].self_attn.v_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"nan.gguf: model.layers.1.self_attn.v_proj.weight holds 1 NaN/inf value"):
+        load_pretrained(write_gguf(tmp_path / "nan.gguf", hf))
 
 
 def test_bad_save(tmp_path):

@@ -214,3 +214,78 @@ def test_compile_blocks_is_used_while_training_only_and_follows_adapter_changes(
         for n, grad in expected[name][1].items():
             torch.testing.assert_close(dict(model.named_parameters())[n].grad, grad, rtol=1e-10, atol=1e-14)
     assert len(graphs) >= 2  # one per adapter configuration at least
+
+
+# ---- Mistral's sliding window --------------------------------------------------------------------------------------
+def hf_mistral(window, attn, seed=0):
+    """A random transformers MistralForCausalLM with a sliding window, and our Transformer with its weights."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.MistralConfig(**TINY, sliding_window=window, attn_implementation=attn)
+    hf = transformers.MistralForCausalLM(config).eval()
+    ours = Transformer(ModelConfig(**TINY, sliding_window=window)).eval()
+    ours.load_state_dict(hf.state_dict())
+    return hf, ours
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("pad_left", [0, 5])
+def test_sliding_window_matches_transformers_mistral(attn, pad_left):
+    hf, ours = hf_mistral(window=5, attn=attn)
+    b = batch(T=16, pad_left=pad_left)
+    mask = b["attention_mask"]
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # ours counts positions from the first real token; HF must be told
+    with torch.no_grad():
+        ref = hf(b["input_ids"], attention_mask=mask, position_ids=pos).logits
+        out = ours(b["input_ids"], attention_mask=mask if pad_left else None).logits
+        full = Transformer(ModelConfig(**TINY)).eval()
+        full.load_state_dict(ours.state_dict())
+        no_window = full(b["input_ids"], attention_mask=mask if pad_left else None).logits
+    real = mask.bool()  # padding queries' outputs are not compared (each side fills them its own way)
+    assert rel(out[real], ref[real]) < 1e-5
+    assert rel(no_window[real], ref[real]) > 1e-3  # the window matters for this sequence
+
+
+def test_sliding_window_with_kv_cache_and_generate():
+    hf, ours = hf_mistral(window=4, attn="sdpa", seed=2)
+    ours = ours.double()
+    ids = batch(T=14)["input_ids"]
+    with torch.no_grad():
+        full = ours(ids).logits
+        out = ours(ids[:, :6], use_cache=True)
+        steps, cache = [out.logits], out.past_key_values
+        for t in range(6, 14):  # one token at a time: the cache holds more keys than the window lets it see
+            out = ours(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+            cache = out.past_key_values
+        chunk = ours(ids[:, 9:], past_key_values=ours(ids[:, :9], use_cache=True).past_key_values).logits
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(chunk, full[:, 9:], rtol=1e-10, atol=1e-10)
+    ref = hf.generate(ids[:, :6], max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(ours.float().generate(ids[:, :6], max_new_tokens=12), ref)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(hidden_size="64"), "hidden_size must be a positive integer, got '64'"),
+        (dict(num_hidden_layers=2.5), "num_hidden_layers must be a positive integer, got 2.5"),
+        (dict(vocab_size=True), "vocab_size must be a positive integer, got True"),
+        (dict(max_position_embeddings=0), "max_position_embeddings must be a positive integer, got 0"),
+        (dict(sliding_window=0), "sliding_window must be a positive integer, got 0"),
+        (dict(head_dim=15), "head_dim must be even"),
+        (dict(hidden_size=66), "hidden_size \\(66\\) is not a multiple of num_attention_heads \\(4\\)"),
+        (dict(rms_norm_eps=-1e-6), "rms_norm_eps must be a finite number >= 0, got -1e-06"),
+        (dict(rms_norm_eps=float("nan")), "rms_norm_eps must be a finite number >= 0, got nan"),
+        (dict(rope_theta=0.0), "rope_theta must be a finite number > 0, got 0.0"),
+        (dict(rope_theta=float("inf")), "rope_theta must be a finite number > 0, got inf"),
+        (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "original_max_position_embeddings'\\] must be"),
+        (dict(rope_scaling=[1.0]), "rope_scaling must be a dict or None, got \\[1.0\\]"),
+        (dict(rope_scaling="linear"), "rope_scaling must be a dict or None, got 'linear'"),
+        (dict(rope_scaling={"rope_type": ["linear"]}), "unsupported rope_scaling type \\['linear'\\]"),
+    ],
+)
+def test_model_config_rejects_bad_values(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(**{**TINY, **overrides})
