@@ -35,11 +35,13 @@ does not have (merge_and_unload() says so). Not done: adapter dropout, and the a
 variants add.
 """
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn as nn
+
+from .method import PeftConfig
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 PLACEMENTS = {  # placement -> the modules (suffixes of qualified names) whose output gets an adapter
@@ -49,29 +51,23 @@ PLACEMENTS = {  # placement -> the modules (suffixes of qualified names) whose o
 
 
 @dataclass
-class AdapterConfig:
+class AdapterConfig(PeftConfig):
     bottleneck_size: int = 64
     placement: str = "houlsby"  # "houlsby": after attention and after the MLP; "pfeiffer": after the MLP only
     activation: str = "relu"
     init_weights: bool = True  # True: W_up = 0, b_up = 0 (starts as the base model); False: random W_up (tests)
-    base_model_name_or_path: str | None = None
     peft_type: ClassVar[str] = "BOTTLENECK"
-    extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
-        b = self.bottleneck_size
-        if not isinstance(b, int) or isinstance(b, bool) or b <= 0:
-            raise ValueError(f"AdapterConfig.bottleneck_size must be a positive integer, got {b!r}")
+        super().__post_init__()  # the JSON types of every field
+        if self.bottleneck_size <= 0:
+            raise ValueError(f"AdapterConfig.bottleneck_size must be a positive integer, got {self.bottleneck_size!r}")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"AdapterConfig.placement must be one of {sorted(PLACEMENTS)}, got {self.placement!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"AdapterConfig.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
 
-    def to_peft_dict(self):
-        d = {k: v for k, v in asdict(self).items() if k != "extra"}
-        return {"peft_type": self.peft_type, "task_type": "CAUSAL_LM", "inference_mode": True, **d}
-
-    def inject(self, model, adapter_name="default"):
+    def attach(self, model, adapter_name="default", tokenizer=None):
         """Wrap every o_proj / down_proj that the placement names (or add an adapter to an existing wrapper)."""
         inject_adapters(model, self, adapter_name)
 

@@ -11,9 +11,10 @@ Every argument is checked before the model is loaded, so a typo costs no time.
 """
 
 import argparse
-import json
+import math
 import os
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,30 @@ import torch
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_DATA = ASSETS / "data" / "sonnets.txt"
 METHODS = ("lora", "qlora", "full", "adapter", "prefix", "prompt")
+# The flags each method reads; any other method flag given with it is an error, not silently ignored.
+LORA_FLAGS = ("r", "alpha", "dropout", "targets", "rslora", "dora", "lora_plus")
+METHOD_FLAGS = {
+    "lora": LORA_FLAGS,
+    "qlora": (*LORA_FLAGS, "blocksize", "no_double_quant"),
+    "full": (),
+    "adapter": ("bottleneck", "placement"),
+    "prefix": ("virtual_tokens", "prefix_projection"),
+    "prompt": ("virtual_tokens", "init_text"),
+}
+FLAG_DEFAULTS = dict(r=8, alpha=16.0, dropout=0.0, targets="q_proj,v_proj", rslora=False, dora=False,
+                     blocksize=64, no_double_quant=False, bottleneck=64, placement="houlsby", virtual_tokens=20,
+                     prefix_projection=False)  # fmt: skip
+# Learning rate and steps per method, from a measured sweep on the bundled model and SmolLM2-135M with the bundled
+# Sonnets (benchmarks/sweep_defaults.py, its table in benchmarks/README.md): each default run ends with a lower
+# held-out loss than it started on both models.
+METHOD_DEFAULTS = {
+    "lora": dict(lr=2e-3, steps=60),
+    "qlora": dict(lr=2e-3, steps=60),
+    "full": dict(lr=5e-5, steps=60),
+    "adapter": dict(lr=2e-3, steps=60),
+    "prefix": dict(lr=2e-3, steps=60),
+    "prompt": dict(lr=2e-3, steps=60),
+}
 MIXED_BATCH_HELP = """\
 several adapters on one base:
   minipeft generate --adapter a=runs/sonnets --adapter b=runs/other --use a --prompt "ROMEO:"
@@ -33,9 +58,28 @@ a mixed batch, one adapter per prompt ("__base__" = no adapter):
 
 
 def positive_int(s):
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {s}")
+    return checked(int, s, lambda v: v >= 1, "an integer >= 1")
+
+
+def nonneg_int(s):
+    return checked(int, s, lambda v: v >= 0, "an integer >= 0")
+
+
+def positive_float(s):
+    return checked(float, s, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+
+
+def nonneg_float(s):
+    return checked(float, s, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+
+
+def checked(kind, s, ok, valid):
+    try:
+        v = kind(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {valid}, got {s!r}") from None
+    if not ok(v):
+        raise argparse.ArgumentTypeError(f"must be {valid}, got {s!r}")
     return v
 
 
@@ -45,33 +89,41 @@ def build_parser():
 
     f = sub.add_parser("finetune", help="fine-tune a model (LoRA on the bundled tiny model by default)")
     f.add_argument("--model", default="tiny-shakespeare", help="registered name, HF directory or .gguf file")
-    f.add_argument("--data", default=str(DEFAULT_DATA), help=".txt file/directory (packed) or .jsonl (prompt/response)")
+    f.add_argument("--data", default=str(DEFAULT_DATA),
+                   help=".txt file/directory (packed), or .jsonl/.json (prompt/response, loss on the response)")  # fmt: skip
+    f.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
+                   help="prompt/response data: wrap each prompt in the model's chat template, as generate does "
+                   "(auto: if the model has one)")  # fmt: skip
     f.add_argument("--method", default="lora", choices=METHODS)
+    # Method flags default to None, so that a flag the chosen method does not use is an error (METHOD_FLAGS).
     g = f.add_argument_group("LoRA / DoRA / QLoRA")
-    g.add_argument("--r", type=int, default=8)
-    g.add_argument("--alpha", type=float, default=16.0)
-    g.add_argument("--dropout", type=float, default=0.0)
-    g.add_argument("--targets", default="q_proj,v_proj", help="comma-separated names, 'all-linear', or a regex")
-    g.add_argument("--rslora", action="store_true")
-    g.add_argument("--dora", action="store_true")
+    g.add_argument("--r", type=int, default=None, help="rank (default 8)")
+    g.add_argument("--alpha", type=float, default=None, help="lora_alpha (default 16)")
+    g.add_argument("--dropout", type=float, default=None, help="lora_dropout (default 0)")
+    g.add_argument("--targets", default=None,
+                   help="comma-separated names, 'all-linear', or a regex (default q_proj,v_proj)")  # fmt: skip
+    g.add_argument("--rslora", action="store_true", default=None)
+    g.add_argument("--dora", action="store_true", default=None)
     g.add_argument("--lora-plus", type=float, default=None, metavar="RATIO", help="LoRA+: lr of lora_B times RATIO")
-    g.add_argument("--blocksize", type=int, default=64, help="QLoRA: NF4 block size")
-    g.add_argument("--no-double-quant", action="store_true", help="QLoRA: keep absmax in float32")
+    g.add_argument("--blocksize", type=int, default=None, help="QLoRA: NF4 block size (default 64)")
+    g.add_argument("--no-double-quant", action="store_true", default=None, help="QLoRA: keep absmax in float32")
     g = f.add_argument_group("adapters, prefix and prompt tuning")
-    g.add_argument("--bottleneck", type=int, default=64)
-    g.add_argument("--placement", default="houlsby", help="houlsby | pfeiffer")
-    g.add_argument("--virtual-tokens", type=int, default=20)
-    g.add_argument("--prefix-projection", action="store_true")
+    g.add_argument("--bottleneck", type=int, default=None, help="adapter: bottleneck size (default 64)")
+    g.add_argument("--placement", default=None, help="adapter: houlsby | pfeiffer (default houlsby)")
+    g.add_argument("--virtual-tokens", type=int, default=None, help="prefix/prompt: virtual tokens (default 20)")
+    g.add_argument("--prefix-projection", action="store_true", default=None)
     g.add_argument("--init-text", default=None, help="prompt tuning: initialise the soft prompt from this text")
     g = f.add_argument_group("training")
-    g.add_argument("--steps", type=positive_int, default=60)
-    g.add_argument("--lr", type=float, default=None, help="default: 2e-3 for adapters, 5e-5 for full")
+    g.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default: per method, below)")
+    g.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: per method, below)")
     g.add_argument("--batch-size", type=positive_int, default=8)
     g.add_argument("--grad-accum", type=positive_int, default=1)
     g.add_argument("--seq-len", type=positive_int, default=128)
-    g.add_argument("--eval-every", type=int, default=20)
-    g.add_argument("--save-every", type=int, default=0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--eval-every", type=nonneg_int, default=20)
+    g.add_argument("--early-stop", type=positive_int, default=None, metavar="N",
+                   help="stop after N evaluations without a new best held-out loss")  # fmt: skip
+    g.add_argument("--save-every", type=nonneg_int, default=0)
+    g.add_argument("--seed", type=nonneg_int, default=0)
     g.add_argument("--grad-checkpoint", action="store_true", help="recompute blocks in backward: less memory")
     g.add_argument("--optimizer-in-backward", action="store_true",
                    help="step each parameter inside backward and free its gradient: less memory (full fine-tuning); "
@@ -79,12 +131,18 @@ def build_parser():
     g.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
                    help="torch.compile each block for training (faster on a GPU); MODE: a torch.compile mode, "
                    "e.g. reduce-overhead (adds CUDA graphs: fastest when every batch has one shape, as packed text)")  # fmt: skip
-    f.add_argument("--out", default=None, help="run directory (default runs/<name>)")
+    f.add_argument("--out", default=None, help="run directory (default runs/<name>); must be new or empty")
     f.add_argument("--name", default=None, help="run name (default: <model>-<method>)")
     f.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     f.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bf16 weights on CUDA) | float32 | bf16")
-    f.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
+    f.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    f.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that already holds a run (its run files are replaced)")  # fmt: skip
     f.add_argument("--no-samples", action="store_true", help="skip the before/after samples")
+    f.epilog = "default learning rate and steps per method:\n" + "\n".join(
+        f"  {m:8s} lr {d['lr']:g}, {d['steps']} steps" for m, d in METHOD_DEFAULTS.items()
+    )
+    f.formatter_class = argparse.RawDescriptionHelpFormatter
 
     g = sub.add_parser(
         "generate",
@@ -96,10 +154,10 @@ def build_parser():
     g.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR")
     g.add_argument("--use", default=None, help="adapter to use, or a comma list with one name per prompt")
     g.add_argument("--prompt", action="append", default=None)
-    g.add_argument("--max-new-tokens", type=int, default=100)
-    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--max-new-tokens", type=nonneg_int, default=100)
+    g.add_argument("--temperature", type=nonneg_float, default=0.8)
     g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--top-p", type=positive_float, default=0.95)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
                    help="wrap each prompt as a user message in the model's chat template (auto: if it has one)")  # fmt: skip
@@ -109,11 +167,14 @@ def build_parser():
     m = sub.add_parser("merge", help="merge a LoRA/DoRA adapter into its base and save a plain HF model")
     m.add_argument("--adapter", required=True)
     m.add_argument("--model", default=None)
-    m.add_argument("--out", required=True)
+    m.add_argument("--out", required=True, help="a new or empty folder")
+    m.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out: only the files merge writes are replaced")  # fmt: skip
 
     q = sub.add_parser("quantize", help="write an HF-format model with bitsandbytes-style NF4 weights")
     q.add_argument("--model", required=True)
-    q.add_argument("--out", required=True)
+    q.add_argument("--out", required=True, help="a new or empty folder")
+    q.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     q.add_argument("--blocksize", type=int, default=64)
     q.add_argument("--no-double-quant", action="store_true")
 
@@ -162,14 +223,74 @@ def resolve_adapter_dir(path):
 
 
 def base_model_of(adapter_dir):
-    with open(Path(adapter_dir) / "adapter_config.json") as f:
-        return json.load(f).get("base_model_name_or_path")
+    """The base model an adapter names: a registered name, or a path (a relative one is tried from the current
+    folder, then from the adapter's folder); None if it names none."""
+    from .checkpoint import REGISTRY
+    from .files import read_json
+
+    base = read_json(Path(adapter_dir) / "adapter_config.json", expect=dict).get("base_model_name_or_path")
+    if not isinstance(base, str) or base in REGISTRY or Path(base).exists():
+        return base if isinstance(base, str) else None
+    beside = Path(adapter_dir) / base
+    if beside.exists():
+        return str(beside)
+    raise SystemExit(
+        f"error: the adapter's base model {base!r} (base_model_name_or_path in {adapter_dir}) is not found from "
+        "here: pass --model"
+    )
+
+
+def model_path(name):  # where a model named on the command line lives on disk (None: not a local path)
+    from .checkpoint import REGISTRY, minipeft_home
+
+    if Path(name).exists():
+        return Path(os.path.realpath(name))
+    if name in REGISTRY:
+        return Path(os.path.realpath(ASSETS / name if REGISTRY[name] is None else minipeft_home() / "models" / name))
+    return None
+
+
+def method_args(args):
+    """Refuse method flags the chosen method does not read (e.g. --dora with prefix), then fill in defaults."""
+    used = METHOD_FLAGS[args.method]
+    given = [k for ks in METHOD_FLAGS.values() for k in ks if getattr(args, k) is not None]
+    wrong = sorted({f"--{k.replace('_', '-')}" for k in given if k not in used})
+    if wrong:
+        valid = ", ".join(f"--{k.replace('_', '-')}" for k in used) or "none"
+        raise SystemExit(f"error: {', '.join(wrong)} do(es) not apply to --method {args.method} (its flags: {valid})")
+    if args.init_text is not None and not args.init_text.strip():
+        raise SystemExit("error: --init-text is empty; give a text, or leave the flag out for a random init")
+    for k, v in FLAG_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    for k, v in METHOD_DEFAULTS[args.method].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+
+
+def writable_folder(out, flag, *, overwrite=False, resume=False, run=False):
+    """Check an output folder before any work: not a file, writable, and new or empty unless a flag says
+    otherwise. Returns the folder's entries that a run of ours wrote (for --overwrite)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: {flag} {out} is a file, not a folder")
+    parent = next(p for p in [out, *out.parents] if p.exists())
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: {flag} {out}: {parent} is not writable")
+    entries = sorted(e.name for e in out.iterdir() if e.name != ".lock") if out.is_dir() else []
+    if entries and not (overwrite or resume):
+        hint = "pass --resume to continue it, or --overwrite to start afresh" if run else "or pass --overwrite"
+        raise SystemExit(
+            f"error: {flag} {out} is not empty ({', '.join(entries[:5])}{' ...' if len(entries) > 5 else ''}): "
+            f"choose a new folder, {hint}"
+        )
 
 
 def build_peft_config(args):
     """The method's config from the command line (validated here, before any loading); None for full."""
     from .lora import LoraConfig
 
+    base = os.path.realpath(args.model) if Path(args.model).exists() else args.model  # usable from any folder
     if args.method == "full":
         return None
     if args.method in ("lora", "qlora"):
@@ -184,31 +305,40 @@ def build_peft_config(args):
             target_modules=targets,
             use_rslora=args.rslora,
             use_dora=args.dora,
-            base_model_name_or_path=args.model,
+            base_model_name_or_path=base,
         )
     if args.method == "adapter":
         from .adapter import AdapterConfig
 
-        return AdapterConfig(bottleneck_size=args.bottleneck, placement=args.placement)
+        return AdapterConfig(bottleneck_size=args.bottleneck, placement=args.placement, base_model_name_or_path=base)
     if args.method == "prefix":
         from .prefix import PrefixTuningConfig
 
-        return PrefixTuningConfig(num_virtual_tokens=args.virtual_tokens, prefix_projection=args.prefix_projection)
+        return PrefixTuningConfig(num_virtual_tokens=args.virtual_tokens, prefix_projection=args.prefix_projection,
+                                  base_model_name_or_path=base)  # fmt: skip
     from .prompt import PromptTuningConfig
 
     init = "TEXT" if args.init_text else "RANDOM"
-    return PromptTuningConfig(
-        num_virtual_tokens=args.virtual_tokens, prompt_tuning_init=init, prompt_tuning_init_text=args.init_text
-    )
+    return PromptTuningConfig(num_virtual_tokens=args.virtual_tokens, prompt_tuning_init=init,
+                              prompt_tuning_init_text=args.init_text, base_model_name_or_path=base)  # fmt: skip
 
 
-def sample(model, tokenizer, prompt, device, max_new_tokens=60, seed=0):
-    ids = torch.tensor([tokenizer.encode(prompt)], device=device)
+def sample(model, tokenizer, ids, device, max_new_tokens=60, seed=0):
+    """Continue the token ids `ids` (a held-out text's start, or a held-out example's prompt) from a fixed seed."""
+    ids = torch.as_tensor(ids, device=device)[None]
     g = torch.Generator(device=device).manual_seed(seed)
     out = model.generate(
         ids, max_new_tokens, temperature=0.8, top_p=0.95, eos_token_id=tokenizer.eos_token_id, generator=g
     )
     return tokenizer.decode(out[0, ids.size(1) :].tolist())
+
+
+def held_out_prompt(val_data):
+    """The ids to sample from: a prompt/response example's prompt, or the first 12 tokens of a held-out text."""
+    ids, labels = val_data.input_ids[0], val_data.labels[0]
+    targets = (labels != -100).nonzero()
+    cut = int(targets[0]) if len(targets) and int(targets[0]) > 0 else 12
+    return ids[:cut].tolist()
 
 
 # ----------------------------------------------------------------------------------------------- commands
@@ -217,23 +347,28 @@ def sample(model, tokenizer, prompt, device, max_new_tokens=60, seed=0):
 def cmd_finetune(args):
     from .checkpoint import load_pretrained, save_pretrained
     from .data import load_dataset
-    from .peft import get_peft_model
+    from .files import run_lock
+    from .peft import get_peft_model, unmatched_targets
+    from .resume import find_checkpoint
     from .train import TrainConfig, evaluate, train
 
     # 1. Check everything that can be checked before loading anything.
+    method_args(args)
     config = build_peft_config(args)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device) if args.method != "full" else torch.float32
     if not Path(args.data).exists():
         raise SystemExit(f"error: --data {args.data} does not exist")
-    lr = args.lr if args.lr is not None else (5e-5 if args.method == "full" else 2e-3)
     name = args.name or f"{Path(args.model).name}-{args.method}"
     out = Path(args.out or Path("runs") / name)
-    if args.resume and not (out / "checkpoint").is_dir():
-        raise SystemExit(f"error: --resume but {out / 'checkpoint'} does not exist")
+    if args.resume and args.overwrite:
+        raise SystemExit("error: --resume continues the run in --out, --overwrite replaces it: pass one of them")
+    writable_folder(out, "--out", overwrite=args.overwrite, resume=args.resume, run=True)
+    if args.resume and find_checkpoint(out) is None:
+        raise SystemExit(f"error: --resume but {out} holds no checkpoint (checkpoint/ or checkpoint.old/)")
     tcfg = TrainConfig(
         steps=args.steps,
-        lr=lr,
+        lr=args.lr,
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
         warmup_ratio=0.05,
@@ -246,6 +381,7 @@ def cmd_finetune(args):
         compile=args.compile,
         max_grad_norm=None if args.optimizer_in_backward else 1.0,
         optimizer_in_backward=args.optimizer_in_backward,
+        early_stop=args.early_stop,
     )
     if args.method == "qlora":
         check_blocksize(args.blocksize)
@@ -260,44 +396,63 @@ def cmd_finetune(args):
         raise SystemExit(
             f"error: --seq-len {args.seq_len} exceeds the model's context {model.config.max_position_embeddings}"
         )
-    train_data, val_data = load_dataset(args.data, tokenizer, args.seq_len)
+    if (
+        config is not None
+        and args.method in ("lora", "qlora")
+        and (missing := unmatched_targets(model, config.target_modules))
+    ):
+        names = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise SystemExit(f"error: --targets {', '.join(missing)} matched no Linear layer; candidates: {names}")
+    chat = {"auto": "auto", "on": True, "off": False}[args.chat]  # as generate --chat: the same prompt format
+    train_data, val_data = load_dataset(args.data, tokenizer, args.seq_len, chat=chat)
     print(f"model {args.model}: {sum(p.numel() for p in model.parameters()):,d} params, {dtype}, {device} "
           f"({time.time() - t0:.1f}s); data {args.data}: {len(train_data)} train / {len(val_data)} held-out sequences")  # fmt: skip
+    bf16 = device.startswith("cuda")  # train() autocasts to bf16 on CUDA (float32 trainable weights): so do we
     if args.method == "qlora":
         from .nf4 import quantize_model
 
+        dense, _ = evaluate(model, val_data, args.batch_size, 20, device=device, bf16=bf16)
+        print(f"held-out loss of the base before 4-bit quantization: {dense:.4f} (the NF4 base's follows)")
         model = quantize_model(model, blocksize=args.blocksize, double_quant=not args.no_double_quant)
     model.gradient_checkpointing = args.grad_checkpoint
     if config is not None:
         model = get_peft_model(model, config, tokenizer=tokenizer)
         model.print_trainable_parameters()
-
-    prompt = tokenizer.decode(val_data.input_ids[0][:12].tolist())  # the start of a held-out text
-    before, _ = evaluate(model, val_data, args.batch_size, 20, device=device)
+    prompt = held_out_prompt(val_data)
     before_text = None if args.no_samples else sample(model, tokenizer, prompt, device)
 
-    # 3. Train. Each checkpoint also holds the adapter in PEFT's format.
-    def on_save(m, path):
-        m.save_pretrained(os.path.join(path, "adapter")) if config is not None else None
+    # 3. Train, keeping the model of the lowest held-out loss as the run's result (adapter/ or model/), and the
+    # last one beside it (adapter-last/ or model-last/). Each checkpoint also holds the adapter, in PEFT's format.
+    kind = "adapter" if config is not None else "model"
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "command.txt").write_text(shlex.join(["minipeft", *map(str, args.argv)]) + "\n")
-    if args.compile:
-        print("compiling the blocks (torch.compile): the first step takes longer")
-    metrics = train(model, train_data, val_data, tcfg, resume=args.resume, on_save=on_save)
-    after = metrics["val_loss"]  # train() ends with an evaluation over the same 20 held-out batches
+    def save(m, path):
+        m.save_pretrained(path) if config is not None else save_pretrained(m, path, tokenizer)
 
-    # 4. Save: the adapter (PEFT format) or, for full fine-tuning, the whole model (HF format).
-    if config is not None:
-        model.save_pretrained(out / "adapter")
-    else:
-        save_pretrained(model, out / "model", tokenizer)
-    print(f"held-out loss: before {before:.4f} (ppl {torch.tensor(before).exp():.1f}) -> "
-          f"after {after:.4f} (ppl {torch.tensor(after).exp():.1f})")  # fmt: skip
+    with run_lock(out):
+        if args.overwrite:  # start afresh: the files of the earlier run are replaced (or removed, when not rewritten)
+            for stale in (out / n for n in ("checkpoint", "checkpoint.old", f"{kind}-last", "metrics.json")):
+                if stale.is_dir():
+                    shutil.rmtree(stale)
+                elif stale.exists():
+                    stale.unlink()
+        (out / "command.txt").write_text(shlex.join(["minipeft", *map(str, args.argv)]) + "\n")
+        if args.compile:
+            print("compiling the blocks (torch.compile): the first step takes longer")
+        metrics = train(model, train_data, val_data, tcfg, resume=args.resume,
+                        on_save=lambda m, p: save(m, Path(p) / "adapter") if config is not None else None,
+                        on_best=lambda m, step, loss: save(m, out / kind))  # fmt: skip
+        save(model, out / f"{kind}-last")
+    evals, best = metrics["eval"], metrics.get("best")
+    before = next(e["val_loss"] for e in evals if e["step"] == 0) if evals and evals[0]["step"] == 0 else None
+    last = evals[-1]
+    print(f"held-out loss: before {'?' if before is None else f'{before:.4f}'} -> after {last['val_loss']:.4f} "
+          f"(step {last['step']}); best {best['val_loss']:.4f} at step {best['step']}, kept as {out / kind}/")  # fmt: skip
     if before_text is not None:
-        print(f"\n--- prompt (held-out): {prompt!r}\n--- before:\n{before_text}\n--- after:\n"
-              f"{sample(model, tokenizer, prompt, device)}\n")  # fmt: skip
-    print(f"wrote {out}/ ({'adapter' if config is not None else 'model'}/, metrics.json, command.txt)")
+        print(
+            f"\n--- prompt (held-out): {tokenizer.decode(prompt)!r}\n--- before:\n{before_text}\n--- after:\n"
+            f"{sample(model, tokenizer, prompt, device)}\n"
+        )  # fmt: skip (the last step's model)
+    print(f"wrote {out}/ ({kind}/ the best, {kind}-last/, metrics.json, checkpoint/, command.txt)")
     return metrics
 
 
@@ -324,10 +479,16 @@ def load_with_adapters(args):
 
 
 def cmd_generate(args):
+    from .data import chat_prompt
+
     prompts = args.prompt or ["ROMEO:"]
     if args.use and not args.adapter:
         raise SystemExit("error: --use needs at least one --adapter")
+    if args.top_p > 1:
+        raise SystemExit(f"error: --top-p must be in (0, 1], got {args.top_p}")
     model, tokenizer, device = load_with_adapters(args)
+    if tokenizer is None:
+        raise SystemExit("error: the model has no tokenizer (tokenizer.json): generate needs one")
     kw = {}
     if args.use:
         uses = args.use.split(",")
@@ -338,13 +499,10 @@ def cmd_generate(args):
         else:
             kw["adapter_names"] = uses
     chat = args.chat == "on" or (args.chat == "auto" and getattr(tokenizer, "chat_template", None))
-    if chat:  # an instruct model answers a user message, not a bare continuation
-        texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts
-        ]
-    else:
-        texts = prompts
+    texts = [chat_prompt(tokenizer, p) for p in prompts] if chat else prompts  # as finetune trains on them
     encoded = [tokenizer.encode(t) for t in texts]
+    if empty := [repr(p) for p, e in zip(prompts, encoded) if not e]:
+        raise SystemExit(f"error: --prompt {', '.join(empty)} encodes to no tokens: give some text to continue")
     T = max(len(e) for e in encoded)
     pad = tokenizer.pad_token_id or 0
     ids = torch.tensor([[pad] * (T - len(e)) + e for e in encoded], device=device)  # left padding
@@ -366,10 +524,22 @@ def cmd_generate(args):
         print()
 
 
+def check_not_a_source(out, sources):
+    """merge/quantize never write into the folder of the model or adapter they read (even with --overwrite)."""
+    real = Path(os.path.realpath(out))
+    for what, path in sources:
+        if path is not None and real == Path(os.path.realpath(path)):
+            raise SystemExit(f"error: --out {out} is the {what}'s own folder ({path}): choose another folder")
+
+
 def cmd_merge(args):
     from .checkpoint import save_pretrained
 
-    args.adapter, args.device, args.dtype = [args.adapter], "cpu", "float32"
+    adapter_dir = resolve_adapter_dir(args.adapter)
+    base = args.model or base_model_of(adapter_dir) or "tiny-shakespeare"
+    check_not_a_source(args.out, [("base model", model_path(base)), ("adapter", adapter_dir)])
+    writable_folder(args.out, "--out", overwrite=args.overwrite)
+    args.adapter, args.model, args.device, args.dtype = [str(adapter_dir)], base, "cpu", "float32"
     model, tokenizer, _ = load_with_adapters(args)
     merged = model.merge_and_unload()
     save_pretrained(merged, args.out, tokenizer)
@@ -381,6 +551,8 @@ def cmd_quantize(args):
     from .nf4 import quantize_model
 
     check_blocksize(args.blocksize)
+    check_not_a_source(args.out, [("model", model_path(args.model))])
+    writable_folder(args.out, "--out", overwrite=args.overwrite)
     model, tokenizer = load_pretrained(args.model, dtype=torch.float32)
     quantize_model(model, blocksize=args.blocksize, double_quant=not args.no_double_quant)
     save_pretrained(model, args.out, tokenizer)
@@ -408,7 +580,8 @@ def main(argv=None):
 
     try:
         command(args)
-    except (ValueError, FileNotFoundError, KeyError, NonFiniteLossError) as e:  # our own clear errors: no traceback
+    except (ValueError, OSError, KeyError, ImportError, NonFiniteLossError) as e:  # clear errors: no traceback
+        # (OSError: a missing file, a full disk, a folder in use; ImportError: an optional extra not installed)
         if os.environ.get("MINIPEFT_DEBUG"):
             raise
         raise SystemExit(f"error: {e}") from None

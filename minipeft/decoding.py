@@ -5,6 +5,8 @@ next from the last position's logits (greedy, temperature, top-k, top-p) and app
 carry their attention_mask along; rows that produced eos keep emitting eos.
 """
 
+import math
+
 import torch
 
 
@@ -27,7 +29,7 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
 def check_generate_args(input_ids, max_new_tokens, temperature, top_k, top_p, max_len):
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
-    if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
+    if max_new_tokens < 0 or not math.isfinite(temperature) or temperature < 0 or (top_k is not None and top_k < 1):
         raise ValueError(
             f"bad sampling settings: max_new_tokens={max_new_tokens}, temperature={temperature}, top_k={top_k}"
         )

@@ -22,34 +22,39 @@ on one base. Saved keys follow PEFT: `<module>.lora_A.weight`, `<module>.lora_B.
 """
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .method import PeftConfig, find_targets
+
+HALF = (torch.float16, torch.bfloat16)
+
+# PEFT's defaults for target_modules=None, by config.json's model_type (all three: the attention's q and v)
+DEFAULT_TARGETS = {"llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj")}
+
 
 @dataclass
-class LoraConfig:
+class LoraConfig(PeftConfig):
     r: int = 8
     lora_alpha: float = 8
     lora_dropout: float = 0.0
-    target_modules: tuple | list | str = (
-        "q_proj",
-        "v_proj",
-    )  # names/suffixes, a full-match regex, "all-linear"
+    # names/suffixes, a full-match regex, "all-linear", or None: PEFT's default for the model type (q_proj, v_proj)
+    target_modules: tuple | list | str | None = ("q_proj", "v_proj")
     use_rslora: bool = False
     use_dora: bool = False
-    init_lora_weights: bool | str = True  # True: PEFT's init (B = 0); "gaussian": A ~ N(0, 1/r); False: B != 0
+    init_lora_weights: bool | str = True  # True: PEFT's init (B = 0); "gaussian": A ~ N(0, 1/r); False: A, B random
     bias: str = "none"
     modules_to_save: list | None = None
-    base_model_name_or_path: str | None = None
+    fan_in_fan_out: bool = False  # PEFT's flag for Conv1D-style (in, out) weights; our Linears are (out, in)
     peft_type: ClassVar[str] = "LORA"
-    extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+        super().__post_init__()  # the JSON types of every field
+        if self.r <= 0:
             raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
@@ -61,23 +66,38 @@ class LoraConfig:
             raise ValueError(f"only bias='none' is supported (biases stay frozen), got {self.bias!r}")
         if self.modules_to_save:
             raise ValueError(f"modules_to_save is not supported, got {self.modules_to_save!r}")
+        if self.fan_in_fan_out:
+            raise ValueError("fan_in_fan_out=True is for GPT-2's Conv1D layers; Llama-family Linears need False")
         if isinstance(self.target_modules, list):
             self.target_modules = tuple(self.target_modules)
+        if isinstance(self.target_modules, tuple) and not all(isinstance(t, str) and t for t in self.target_modules):
+            raise ValueError(f"LoraConfig.target_modules must hold module names, got {list(self.target_modules)}")
 
     @property
     def scaling(self):
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
-    def to_peft_dict(self):
-        d = {k: v for k, v in asdict(self).items() if k != "extra"}
-        d["target_modules"] = d["target_modules"] if isinstance(d["target_modules"], str) else list(d["target_modules"])
-        return {
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "fan_in_fan_out": False,
-            "inference_mode": True,
-            **d,
-        }
+    @classmethod
+    def combined(cls, configs, combination_type, svd_rank=None):
+        """The config of add_weighted_adapter's result (see combine_adapters): its rank, and alpha = r (scaling 1)."""
+        if combination_type not in ("cat", "linear", "svd"):
+            raise ValueError(f"unknown combination_type {combination_type!r}; valid: 'cat', 'linear', 'svd'")
+        if any(c.use_dora for c in configs):
+            raise ValueError("add_weighted_adapter combines plain LoRA adapters only, not DoRA")
+        ranks = [c.r for c in configs]
+        if combination_type == "linear" and len(set(ranks)) != 1:
+            raise ValueError(f"combination_type 'linear' needs adapters of one rank, got ranks {ranks}")
+        r = {"cat": sum(ranks), "svd": svd_rank or max(ranks), "linear": ranks[0]}[combination_type]
+        return cls(r=r, lora_alpha=r, target_modules=configs[0].target_modules,
+                   base_model_name_or_path=configs[0].base_model_name_or_path)  # fmt: skip
+
+    def attach(self, model, adapter_name="default", tokenizer=None):
+        """Wrap every target Linear in a LoraLayer (or add this adapter to an existing one)."""
+        if self.target_modules is None:  # resolved once, and saved resolved, as PEFT does
+            self.target_modules = DEFAULT_TARGETS.get(
+                model.config.extra.get("model_type", "llama"), ("q_proj", "v_proj")
+            )
+        inject_lora(model, find_targets(model, self.target_modules), self, adapter_name)
 
 
 class LoraLayer(nn.Module):
@@ -116,9 +136,7 @@ class LoraLayer(nn.Module):
         self.scaling[name] = config.scaling
         if config.init_lora_weights == "gaussian":
             nn.init.normal_(self.lora_A[name].weight, std=1 / config.r)
-        if config.init_lora_weights is False:  # a non-zero B, so tests see the adapter's effect
-            nn.init.normal_(self.lora_B[name].weight, std=0.02)
-        else:
+        if config.init_lora_weights is not False:  # False keeps nn.Linear's random init for B too, as PEFT
             nn.init.zeros_(self.lora_B[name].weight)
         if config.use_dora:
             with torch.no_grad():
@@ -155,51 +173,72 @@ class LoraLayer(nn.Module):
             return result
         if self.adapter_names is None:
             return self.lora_forward(x, result, self.active_adapter) if self.active_adapter in self.lora_A else result
-        # A mixed batch: each row uses its own adapter ("__base__" = none); rows are gathered per adapter.
+        # A mixed batch: each row uses its own adapter ("__base__", or one not on this layer: none); rows are
+        # gathered per adapter.
         out = result.clone()
-        for name in set(self.adapter_names) - {"__base__"}:
+        for name in set(self.adapter_names) & set(self.lora_A):
             rows = torch.tensor([i for i, n in enumerate(self.adapter_names) if n == name], device=x.device)
             out[rows] = self.lora_forward(x[rows], result[rows], name)
         return out
 
+    def check_mixed_batch(self, names):
+        """A mixed batch needs unmerged adapters, and not DoRA among the adapters it uses (as in PEFT)."""
+        if self.merged_adapters:
+            raise ValueError("mixed batches need unmerged adapters: call unmerge_adapter() first")
+        if dora := sorted(set(names) & set(self.lora_magnitude_vector)):
+            raise ValueError(f"mixed batches do not work with DoRA adapters ({dora}), as in PEFT")
+
     # ----- merging -----
-    def merged_weight(self, name):
-        """The dense weight W' this adapter is equivalent to: W + sBA, or m * (W + sBA) / ||W + sBA|| for DoRA."""
-        w = self.base_weight()
+    def merged_weight(self, name, w=None):
+        """The dense weight this adapter turns w (default: the base weight) into: w + sBA, or
+        m * (w + sBA) / ||w + sBA|| for DoRA. In w's dtype (a float32 magnitude must not promote a bf16 base)."""
+        w = self.base_weight() if w is None else w
         merged = w + self.delta_weight(name).to(w.dtype)
         if name in self.lora_magnitude_vector:
-            merged = merged * (self.lora_magnitude_vector[name] / torch.linalg.vector_norm(merged, dim=1))[:, None]
+            norm = torch.linalg.vector_norm(merged.float() if merged.dtype in HALF else merged, dim=1)
+            scale = self.lora_magnitude_vector[name] / norm
+            merged = merged * scale.to(w.dtype)[:, None]
         return merged
 
-    def merge(self):
-        """Fold the active adapter into base_layer.weight (nn.Linear bases only)."""
-        if self.merged_adapters or self.active_adapter not in self.lora_A:
-            return
-        if not isinstance(self.base_layer, nn.Linear):
+    def merge(self, names=None, safe_merge=False):
+        """Fold adapters (default: the active one) into base_layer.weight, one after the other (nn.Linear bases
+        only). safe_merge=True refuses a merge that would put NaN or inf into the weights."""
+        names = [n for n in (names or [self.active_adapter]) if n in self.lora_A and n not in self.merged_adapters]
+        if names and not isinstance(self.base_layer, nn.Linear):
             raise TypeError(
                 f"cannot merge in place into a {type(self.base_layer).__name__} base; use merge_and_unload(), "
                 "which dequantizes and returns a full-precision model"
             )
-        name = self.active_adapter
-        with torch.no_grad():
-            if name in self.lora_magnitude_vector:  # keep n = ||W + sBA|| so that unmerge can undo m / n exactly
-                self.dora_norm[name] = self.weight_norm(name)
-            self.base_layer.weight.copy_(self.merged_weight(name))
-        self.merged_adapters = [name]
+        for name in names:
+            with torch.no_grad():
+                merged = self.merged_weight(name)
+                if safe_merge and not torch.isfinite(merged).all():
+                    raise ValueError(f"merging adapter {name!r} gives NaN or inf weights: refused (safe_merge=True)")
+                if name in self.lora_magnitude_vector:  # keep n = ||W + sBA|| so that unmerge can undo m / n exactly
+                    self.dora_norm[name] = self.weight_norm(name)
+                self.base_layer.weight.copy_(merged)
+            self.merged_adapters.append(name)
 
     def unmerge(self):
-        if not self.merged_adapters:
-            return
-        name = self.merged_adapters.pop()
-        with torch.no_grad():
-            w = self.base_layer.weight
-            if name in self.lora_magnitude_vector:  # W' = m/n * (W + sBA)  =>  W = W' * n/m - sBA
-                w.mul_((self.dora_norm.pop(name) / self.lora_magnitude_vector[name])[:, None])
-            w.sub_(self.delta_weight(name).to(w.dtype))
+        """Undo every merge, the last one first."""
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            with torch.no_grad():
+                w = self.base_layer.weight
+                if name in self.lora_magnitude_vector:  # W' = m/n * (W + sBA)  =>  W = W' * n/m - sBA
+                    w.mul_((self.dora_norm.pop(name) / self.lora_magnitude_vector[name]).to(w.dtype)[:, None])
+                w.sub_(self.delta_weight(name).to(w.dtype))
 
-    def merged_linear(self):
-        """A plain nn.Linear holding the merged weight of the active adapter (for merge_and_unload)."""
-        w = self.merged_weight(self.active_adapter) if self.active_adapter in self.lora_A else self.base_weight()
+    def merged_linear(self, names=None, safe_merge=False, name=""):
+        """A plain nn.Linear holding the base weight with adapters `names` (default: the active one) merged one after
+        the other (for merge_and_unload); safe_merge=True refuses NaN or inf weights."""
+        with torch.no_grad():
+            w = self.base_weight()
+            for n in names or [self.active_adapter]:
+                if n in self.lora_A:
+                    w = self.merged_weight(n, w)
+            if safe_merge and not torch.isfinite(w).all():
+                raise ValueError(f"merging {names} into {name or 'a layer'} gives NaN or inf weights: refused")
         bias = getattr(self.base_layer, "bias", None)
         lin = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device, dtype=w.dtype)
         with torch.no_grad():
@@ -207,6 +246,9 @@ class LoraLayer(nn.Module):
             if bias is not None:
                 lin.bias.copy_(bias)
         return lin
+
+    def combine(self, adapters, weights, name, combination_type, config):  # for PeftModel.add_weighted_adapter
+        return combine_adapters(self, adapters, weights, name, combination_type, config)
 
     # ----- the small protocol peft.py uses -----
     def adapter_state(self, name):

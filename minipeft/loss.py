@@ -38,6 +38,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, weight, targets, chunk, need_h, need_w, fused=False):  # h (N, D), weight (V, D), targets (N,)
         acc = torch.float32 if h.dtype in HALF else h.dtype  # never downcast a float64 model
         n = h.size(0)
+        if n == 0:  # no target at all: NaN, as causal_lm_loss (cross_entropy's mean over nothing); zero gradients
+            ctx.save_for_backward(torch.zeros_like(h) if need_h else None)
+            ctx.grad_w = torch.zeros_like(weight) if need_w else None
+            return torch.full((), float("nan"), dtype=acc, device=h.device)
         total = torch.zeros((), dtype=acc, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None  # summed by addmm_ (each product accumulates in fp32)

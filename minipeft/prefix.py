@@ -38,11 +38,13 @@ Not done: encoder-decoder models (num_transformer_submodules=2), and the "zero" 
 
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn as nn
+
+from .method import PeftConfig
 
 RAW_NAME = "adapter_raw.safetensors"  # minipeft's second file (peft.py writes and reads it)
 
@@ -55,7 +57,7 @@ def check_positive_int(owner, name, value, allow_none=False):
 
 
 @dataclass
-class PrefixTuningConfig:
+class PrefixTuningConfig(PeftConfig):
     num_virtual_tokens: int = 20
     prefix_projection: bool = False
     encoder_hidden_size: int | None = None  # the MLP's hidden size; None: token_dim (as PEFT)
@@ -64,12 +66,10 @@ class PrefixTuningConfig:
     num_attention_heads: int | None = None  # PEFT stores num_key_value_heads here for prefix tuning
     num_layers: int | None = None
     num_transformer_submodules: int = 1  # 1: decoder-only (2 would be encoder-decoder, not supported)
-    inference_mode: bool = False
-    base_model_name_or_path: str | None = None
     peft_type: ClassVar[str] = "PREFIX_TUNING"
-    extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
+        super().__post_init__()  # the JSON types of every field
         check_positive_int("PrefixTuningConfig", "num_virtual_tokens", self.num_virtual_tokens)
         for name in ("encoder_hidden_size", "token_dim", "num_attention_heads", "num_layers"):
             check_positive_int("PrefixTuningConfig", name, getattr(self, name), allow_none=True)
@@ -79,9 +79,8 @@ class PrefixTuningConfig:
                 f"got {self.num_transformer_submodules!r}"
             )
 
-    def to_peft_dict(self):
-        d = {k: v for k, v in asdict(self).items() if k != "extra"}
-        return {"peft_type": self.peft_type, "task_type": "CAUSAL_LM", **d, "inference_mode": True}
+    def attach(self, model, adapter_name="default", tokenizer=None):
+        return self.build(model, tokenizer)
 
     def build(self, model, tokenizer=None):
         """Fill token_dim, num_attention_heads, num_layers from the model (checking them when already set) and

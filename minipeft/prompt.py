@@ -32,17 +32,19 @@ a `name_or_path`), else the file records the init as "RANDOM" (the init only mat
 """
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
+from .method import PeftConfig
+
 INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
 
 
 @dataclass
-class PromptTuningConfig:
+class PromptTuningConfig(PeftConfig):
     num_virtual_tokens: int = 20
     prompt_tuning_init: str = "RANDOM"  # "RANDOM" | "SAMPLE_VOCAB" | "TEXT"
     prompt_tuning_init_text: str | None = None  # for "TEXT"
@@ -52,20 +54,18 @@ class PromptTuningConfig:
     num_attention_heads: int | None = None
     num_layers: int | None = None
     num_transformer_submodules: int = 1  # 1: decoder-only (2 would be encoder-decoder, not supported)
-    inference_mode: bool = False  # True in saved files: loading skips the init (the weights come from the file)
-    base_model_name_or_path: str | None = None
     peft_type: ClassVar[str] = "PROMPT_TUNING"
-    extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
+        super().__post_init__()  # the JSON types of every field
         P = self.num_virtual_tokens
-        if not isinstance(P, int) or isinstance(P, bool) or P <= 0:
+        if P <= 0:
             raise ValueError(f"PromptTuningConfig.num_virtual_tokens must be a positive integer, got {P!r}")
         if self.prompt_tuning_init not in INITS:
             raise ValueError(
                 f"PromptTuningConfig.prompt_tuning_init must be one of {list(INITS)}, got {self.prompt_tuning_init!r}"
             )
-        if self.prompt_tuning_init == "TEXT" and not self.prompt_tuning_init_text:
+        if self.prompt_tuning_init == "TEXT" and not (self.prompt_tuning_init_text or "").strip():
             raise ValueError(
                 "prompt_tuning_init='TEXT' needs prompt_tuning_init_text (the text whose token embeddings start the "
                 f"prompt), got {self.prompt_tuning_init_text!r}"
@@ -76,11 +76,14 @@ class PromptTuningConfig:
                 f"got {self.num_transformer_submodules!r}"
             )
 
-    def to_peft_dict(self):
-        d = {k: v for k, v in asdict(self).items() if k != "extra"}
+    def to_dict(self):
+        d = super().to_dict()
         if d["prompt_tuning_init"] == "TEXT" and not d["tokenizer_name_or_path"]:
             d["prompt_tuning_init"] = "RANDOM"  # HF PEFT refuses TEXT without a tokenizer name (see the docstring)
-        return {"peft_type": self.peft_type, "task_type": "CAUSAL_LM", **d, "inference_mode": True}
+        return d
+
+    def attach(self, model, adapter_name="default", tokenizer=None):
+        return self.build(model, tokenizer)
 
     def build(self, model, tokenizer=None):
         """Check the init against the model and tokenizer, fill token_dim etc., and return the PromptEncoder."""
@@ -195,6 +198,11 @@ class PromptEncoder(nn.Module):
         if out.logits is not None:
             out.logits = out.logits[:, P:]  # (B, T, V): the real tokens only (HF PEFT keeps all P + T)
         return out
+
+    def num_targets(self, labels):
+        """The tokens the loss is a mean over: every label but -100, the first one included, because the last
+        virtual token predicts the first real token (PEFT's loss: labels padded with P times -100 in front)."""
+        return int((labels != -100).sum())
 
     # ----- saving and loading (the protocol of peft.py) -----
     def peft_state(self):

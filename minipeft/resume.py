@@ -7,9 +7,9 @@ Checkpoints, in out_dir/checkpoint/. Never pickle: tensors go to safetensors, ev
     trainer_state.json     step, config, optimizer param_groups (with param_names) and step counts,
                            scheduler state, python and numpy RNG states
     + whatever on_save(model, path) writes there (the CLI adds the PEFT-format adapter)
-A save writes a temporary sibling directory, fsyncs it, moves the previous checkpoint aside to checkpoint.old,
-renames the new one in, and only then deletes the old one: a crash at any moment leaves a complete checkpoint
-(checkpoint/, or checkpoint.old/, which resume also finds). metrics.json is rewritten atomically.
+A save fills a new sibling folder and swaps it in with files.replace_dir: a crash at any moment leaves a complete
+checkpoint (checkpoint/, or checkpoint.old/ after a crash between the two renames, which resume also finds).
+metrics.json is rewritten atomically.
 
 Resume restores all of it, so N steps interrupted after the save at step k and resumed give weights
 bit-identical to one uninterrupted N-step run on CPU, dropout included (the RNG states come back, and the data
@@ -19,7 +19,6 @@ find_checkpoint and load_checkpoint; nothing here knows the loop.
 """
 
 import json
-import os
 import random
 import shutil
 from dataclasses import asdict
@@ -29,13 +28,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import atomic_write, fsync
+from .files import aside, read_json, replace_dir
 
 CHECKPOINT = "checkpoint"
-
-
-def write_json_atomic(obj, path):  # readers see the old file or the new one, never half of it
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
 
 
 def rng_state():
@@ -84,13 +79,10 @@ def load_optimizer_state(optimizer, tensors, meta):
 
 def save_checkpoint(out_dir, step, model, named_params, optimizer, scheduler, cfg, on_save=None):
     """Write out_dir/checkpoint/ atomically (see the module docstring); returns its path."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    final, old = out_dir / CHECKPOINT, out_dir / f"{CHECKPOINT}.old"
-    tmp = out_dir / f".{CHECKPOINT}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)  # the leftover of an earlier crash
-    tmp.mkdir()
-    try:
+    final = Path(out_dir) / CHECKPOINT
+    for stale in Path(out_dir).glob(f".{CHECKPOINT}.tmp-*"):  # left by killed saves of minipeft <= 0.1
+        shutil.rmtree(stale, ignore_errors=True)
+    with replace_dir(final, keep_others=False) as tmp:  # nothing of an older checkpoint is carried over
         save_file({n: p.detach().cpu().contiguous() for n, p in named_params}, tmp / "trainable.safetensors")
         opt_tensors, opt_meta = optimizer_state(optimizer)
         save_file(opt_tensors, tmp / "optimizer.safetensors")
@@ -101,38 +93,32 @@ def save_checkpoint(out_dir, step, model, named_params, optimizer, scheduler, cf
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1, default=str))
         if on_save is not None:
             on_save(model, tmp)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                fsync(f)
-        fsync(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint was never touched
-        raise
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)  # checkpoint/ is good, so an old .old is stale
-        os.replace(final, old)  # 1. the previous checkpoint steps aside, still complete
-    os.replace(tmp, final)  # 2. the new one takes its name
-    fsync(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def find_checkpoint(out_dir):
-    for name in (CHECKPOINT, f"{CHECKPOINT}.old"):  # .old alone: a crash came between the two renames
-        if (Path(out_dir) / name / "trainer_state.json").is_file():
-            return Path(out_dir) / name
+    for path in (Path(out_dir) / CHECKPOINT, aside(Path(out_dir) / CHECKPOINT)):  # .old: a crash between renames
+        if (path / "trainer_state.json").is_file():
+            return path
     return None
 
 
 def load_checkpoint(path, named_params, optimizer, scheduler):
-    """Check, then restore parameters, optimizer, scheduler and RNGs from `path`; returns the trainer state."""
-    files = []
-    for name in ("trainer_state.json", "trainable.safetensors", "optimizer.safetensors", "rng.safetensors"):
-        try:
-            files.append(json.loads((path / name).read_text()) if name.endswith("json") else load_file(path / name))
-        except Exception as e:  # missing, truncated or corrupt
-            raise ValueError(f"cannot read checkpoint file {path / name}: {e}") from e
-    state, weights, opt_tensors, rng_tensors = files
+    """Check, then restore parameters, optimizer, scheduler and RNGs from `path`; returns the trainer state.
+    A damaged or tampered checkpoint is a ValueError naming the file, raised before anything is changed."""
+    try:
+        state = read_json(path / "trainer_state.json", expect=dict)
+        weights, opt_tensors, rng_tensors = (
+            load_file(path / f"{n}.safetensors") for n in ("trainable", "optimizer", "rng")
+        )
+    except Exception as e:  # missing, truncated or corrupt
+        raise ValueError(f"cannot read the checkpoint in {path}: {e}") from e
+    fields = {"format": str, "step": int, "config": dict, "optimizer": dict, "scheduler": dict, "rng": dict}
+    bad = [k for k, kind in fields.items() if not isinstance(state.get(k), kind) or isinstance(state.get(k), bool)]
+    if bad or state["format"] != "minipeft-checkpoint" or state["step"] < 0:
+        raise ValueError(
+            f"cannot resume from {path}: trainer_state.json is damaged (fields {bad or ['format', 'step']})"
+        )
     have = {n: tuple(p.shape) for n, p in named_params}
     saved = {n: tuple(t.shape) for n, t in weights.items()}
     for n in sorted(have.keys() | saved.keys()):
@@ -141,17 +127,22 @@ def load_checkpoint(path, named_params, optimizer, scheduler):
                 f"cannot resume from {path}: trainable parameter {n!r} has shape "
                 f"{saved.get(n, 'missing')} in the checkpoint and {have.get(n, 'missing')} in the model"
             )
+        if not (weights[n].is_floating_point() and torch.isfinite(weights[n]).all()):
+            raise ValueError(f"cannot resume from {path}: {n!r} is not finite floating point in the checkpoint")
     names_now = [g["param_names"] for g in optimizer.param_groups]
-    names_saved = [g["param_names"] for g in state["optimizer"]["param_groups"]]
+    names_saved = [g.get("param_names") for g in state["optimizer"].get("param_groups", [])]
     if names_now != names_saved:
         raise ValueError(
             f"cannot resume from {path}: its optimizer groups {names_saved} differ from this run's {names_now} "
             "(were lora_plus_ratio or weight_decay changed?)"
         )
+    try:  # what is left can only fail on a tampered file; the optimizer checks its own state before taking it
+        load_optimizer_state(optimizer, opt_tensors, state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(rng_tensors, state["rng"])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise ValueError(f"cannot resume from {path}: trainer_state.json or its tensors are damaged ({e!r})") from e
     with torch.no_grad():
         for n, p in named_params:
             p.copy_(weights[n])
-    load_optimizer_state(optimizer, opt_tensors, state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(rng_tensors, state["rng"])
     return state

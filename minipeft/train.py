@@ -31,14 +31,22 @@ not when activations peak first (1B at 4 x 1024: unchanged, and 15% slower). It 
 clipping: both need every gradient at once.
 
 Checkpoints and resume (out_dir/checkpoint/, atomic, no pickle, bit-identical resume): resume.py.
-A non-finite loss stops training at once with NonFiniteLossError, before the bad step is applied or anything is
-saved.
+A non-finite loss, or a non-finite gradient norm, stops training at once with NonFiniteLossError, before the bad
+step is applied; the weights are also checked to be finite before every save, so no NaN is ever written and the
+last good checkpoint stays. While out_dir is written, out_dir/.lock is held: a second run on it stops at once.
+
+Held-out evaluation (when val_data is given) runs before the first step (step 0, the "before"), every eval_every
+steps and at the end, always the same batches under the same autocast, so the numbers compare. The best (lowest)
+one is metrics["best"]; on_best(model, step, val_loss) is called when one is reached, so a caller can keep that
+model (the CLI keeps its adapter, as HF Trainer's load_best_model_at_end). When the held-out loss has risen for
+overfit_patience evaluations in a row while the training loss fell, one line says the run is overfitting;
+early_stop=N stops after N evaluations without a new best (HF's EarlyStoppingCallback).
 
 Not done: fp16 autocast (it needs a GradScaler; bf16 does not), several GPUs, and gradient checkpointing
 (switch that on the model: model.gradient_checkpointing = True).
 """
 
-import json
+import contextlib
 import math
 import random
 import sys
@@ -52,13 +60,15 @@ import torch
 from tqdm import tqdm
 
 from .data import IGNORE_INDEX, batch_stream, batches
-from .resume import find_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
+from .files import read_json, run_lock, write_json
+from .resume import find_checkpoint, load_checkpoint, save_checkpoint
 
 COMPILE_MODES = (False, True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became inf or NaN; training stopped before applying that step, the last checkpoint is kept."""
+    """The loss, a gradient or a weight became inf or NaN; training stopped before applying that step or saving
+    anything, and the last good checkpoint is kept."""
 
 
 def _is_int(v):
@@ -93,6 +103,8 @@ class TrainConfig:
     compile: bool | str = False  # torch.compile each block while training (Transformer.compile_blocks): True, or
     # a torch.compile mode, "reduce-overhead" adding CUDA graphs (fewer host launches: for small or LoRA-all models)
     optimizer_in_backward: bool = False  # step each parameter in backward and free its gradient (see above)
+    early_stop: int | None = None  # stop after this many evaluations without a new best held-out loss; None: never
+    overfit_patience: int = 3  # evaluations of rising held-out loss (while training loss falls) before the warning
 
     def __post_init__(self):
         def check(ok, name, valid):
@@ -101,7 +113,7 @@ class TrainConfig:
 
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
             check(_is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "an integer >= 1")
-        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
+        for name in ("warmup_steps", "eval_every", "save_every", "seed", "overfit_patience"):
             check(_is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "an integer >= 0")
         check(_is_num(self.lr) and self.lr > 0, "lr", "a finite number > 0")
         check(_is_num(self.warmup_ratio) and 0 <= self.warmup_ratio < 1, "warmup_ratio", "in [0, 1)")
@@ -111,6 +123,8 @@ class TrainConfig:
         check(mgn is None or (_is_num(mgn) and mgn > 0), "max_grad_norm", "None (no clipping) or a number > 0")
         check(ebs is None or (_is_int(ebs) and ebs >= 1), "eval_batches", "None (all) or an integer >= 1")
         check(lpr is None or (_is_num(lpr) and lpr > 0), "lora_plus_ratio", "None (off) or a number > 0")
+        es = self.early_stop
+        check(es is None or (_is_int(es) and es >= 1), "early_stop", "None (never) or an integer >= 1")
         check(self.autocast in ("auto", "bf16", "off"), "autocast", "'auto', 'bf16' or 'off'")
         c = self.compile
         check(isinstance(c, bool) or (isinstance(c, str) and c in COMPILE_MODES), "compile", f"one of {COMPILE_MODES}")
@@ -167,7 +181,11 @@ def build_optimizer(named_params, cfg, device=None):
     return torch.optim.AdamW(ordered, lr=cfg.lr, fused=fused)
 
 
-def num_targets(batch):  # the tokens that are predicted: labels shifted by one, -100 excluded
+def num_targets(batch, model=None):
+    """The tokens the loss is a mean over: labels shifted by one, -100 excluded; a model that predicts more (prompt
+    tuning's last virtual token predicts the first real one) says so through its own num_targets(labels)."""
+    if model is not None and hasattr(model, "num_targets"):
+        return int(model.num_targets(batch["labels"]))
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
@@ -189,8 +207,11 @@ def evaluate(model, dataset, batch_size, max_batches=None, *, device=None, bf16=
             break
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             loss = batch_loss(model, batch, device)
-        total, count = total + loss.item() * num_targets(batch), count + num_targets(batch)
+        n = num_targets(batch, model)
+        total, count = total + (loss.item() * n if n else 0.0), count + n
     model.train(was_training)
+    if count == 0:
+        raise ValueError("the held-out batches hold no target token (every label is -100): nothing to evaluate")
     loss = total / count
     return loss, math.exp(loss) if loss < 700 else math.inf
 
@@ -201,11 +222,16 @@ def evaluate(model, dataset, batch_size, max_batches=None, *, device=None, bf16=
 # ----------------------------------------------------------------------------------------- the loop
 
 
-def train(model, train_data, val_data, cfg, *, resume=False, on_save=None):
+def all_finite(tensors):  # one reduction for all of them: a single host sync
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def train(model, train_data, val_data, cfg, *, resume=False, on_save=None, on_best=None):
     """Train whatever in `model` requires grad; returns the metrics (also written to out_dir/metrics.json).
 
     val_data may be None (no evaluation). resume=True continues from out_dir/checkpoint/. on_save(model, path)
     is called inside each checkpoint before it is committed, so what it writes is part of the atomic save.
+    on_best(model, step, val_loss) is called at each new lowest held-out loss (step 0 included).
     """
     named = trainable_parameters(model)
     if not named:
@@ -219,13 +245,18 @@ def train(model, train_data, val_data, cfg, *, resume=False, on_save=None):
     out_dir = Path(cfg.out_dir) if cfg.out_dir is not None else None
     if resume and out_dir is None:
         raise ValueError("resume=True needs TrainConfig.out_dir, the directory holding checkpoint/")
-    ckpt = find_checkpoint(out_dir) if resume else None  # the last good checkpoint, all along
-    if resume and ckpt is None:
-        raise FileNotFoundError(f"resume=True but there is no checkpoint in {out_dir}")
     if cfg.compile and not hasattr(model, "compile_blocks"):
         raise ValueError(
             f"TrainConfig.compile=True needs a minipeft Transformer or PeftModel, got {type(model).__name__}"
         )
+    with run_lock(out_dir) if out_dir is not None else contextlib.nullcontext():
+        return _train(model, named, device, out_dir, train_data, val_data, cfg, resume, on_save, on_best)
+
+
+def _train(model, named, device, out_dir, train_data, val_data, cfg, resume, on_save, on_best):
+    ckpt = find_checkpoint(out_dir) if resume else None  # the last good checkpoint, all along
+    if resume and ckpt is None:
+        raise FileNotFoundError(f"resume=True but there is no checkpoint in {out_dir}")
     auto_bf16 = device.type == "cuda" and named[0][1].dtype == torch.float32
     bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and auto_bf16)
 
@@ -241,21 +272,41 @@ def train(model, train_data, val_data, cfg, *, resume=False, on_save=None):
                    if state["config"].get(k) != getattr(cfg, k)]  # fmt: skip
         if changed:
             warnings.warn(
-                f"resuming with changed {changed}: the run will differ from an uninterrupted one", stacklevel=2
+                f"resuming with changed {changed}: the run will differ from an uninterrupted one", stacklevel=3
             )
         if (out_dir / "metrics.json").is_file():  # keep what was logged up to the checkpoint
-            logged = json.loads((out_dir / "metrics.json").read_text())
+            logged = read_json(out_dir / "metrics.json", expect=dict)
             metrics = {k: [e for e in logged.get(k, []) if e["step"] <= start] for k in metrics}
+            if metrics["eval"]:
+                best = min(metrics["eval"], key=lambda e: e["val_loss"])
+                metrics["best"] = {"step": best["step"], "val_loss": best["val_loss"]}
     else:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)  # CPU and every CUDA device
 
+    def finite_or_stop(what, step, finite):
+        if not finite:
+            kept = f"the last good checkpoint at {ckpt} was kept" if ckpt else "no checkpoint was saved yet"
+            raise NonFiniteLossError(f"non-finite {what} at step {step}; stopped, {kept}")
+
+    def held_out(step):  # evaluate, log, and tell on_best about a new lowest loss
+        val_loss, val_ppl = evaluate(model, val_data, cfg.batch_size, cfg.eval_batches, device=device, bf16=bf16)
+        metrics["eval"].append({"step": step, "val_loss": val_loss, "val_ppl": val_ppl})
+        if cfg.progress is not False:
+            tqdm.write(f"step {step}: held-out loss {val_loss:.4f} (ppl {val_ppl:.1f})")
+        best = min(metrics["eval"], key=lambda e: e["val_loss"])  # the first of equals: the earliest
+        metrics["best"] = {"step": best["step"], "val_loss": best["val_loss"]}
+        if best["step"] == step and on_best is not None:
+            on_best(model, step, val_loss)
+
+    if val_data is not None and start == 0:
+        held_out(0)  # "before": the same batches and autocast as every later evaluation
     stream = batch_stream(train_data, cfg.batch_size, cfg.seed, start=start * cfg.grad_accum)
     params = [p for _, p in named]
     show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
     bar = tqdm(total=cfg.steps, initial=start, disable=not show, dynamic_ncols=True, desc="train")
-    was_training, loss, tokens, seconds = model.training, None, 0, 0.0
+    was_training, loss, tokens, seconds, warned, stopped = model.training, None, 0, 0.0, False, None
     if cfg.compile:
         model.compile_blocks(**({} if cfg.compile is True else {"mode": cfg.compile}))
     model.train()
@@ -265,24 +316,28 @@ def train(model, train_data, val_data, cfg, *, resume=False, on_save=None):
         for step in range(start + 1, cfg.steps + 1):  # `step` optimizer steps are done once this one is
             t0 = time.perf_counter()
             micro = [next(stream) for _ in range(cfg.grad_accum)]
-            n_total, loss = sum(num_targets(b) for b in micro), 0.0
-            for b in micro:
-                if (n := num_targets(b)) == 0:
+            counts = [num_targets(b, model) for b in micro]
+            n_total, loss = sum(counts), 0.0
+            for b, n in zip(micro, counts):
+                if n == 0:
                     continue
                 if cfg.compile:  # CUDA graphs (reduce-overhead) may reuse their outputs from here on
                     torch.compiler.cudagraph_mark_step_begin()
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     loss_i = batch_loss(model, b, device)
-                if not math.isfinite(loss_i.item()):  # stop before the bad gradients reach any weight
-                    kept = f"the last good checkpoint at {ckpt} was kept" if ckpt else "no checkpoint was saved yet"
-                    raise NonFiniteLossError(f"non-finite loss {loss_i.item()} at step {step}; stopped, {kept}")
+                finite_or_stop(f"loss {loss_i.item()}", step, math.isfinite(loss_i.item()))  # before any backward
                 (loss_i * (n / n_total)).backward()
                 loss += loss_i.item() * n / n_total
                 mask = b["attention_mask"]
                 tokens += b["input_ids"].numel() if mask is None else int(mask.sum())
-            grad_norm = None if hooks else torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
+            if hooks:  # (with optimizer_in_backward the step was taken inside backward: check what it wrote)
+                grad_norm = None
+                finite_or_stop("weights after the step", step, all_finite(params))
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
+                finite_or_stop(f"gradient norm {float(grad_norm)}", step, math.isfinite(grad_norm))  # before the step
             lr = optimizer.param_groups[0]["lr"]  # the lr this step uses
-            if not hooks:  # (with optimizer_in_backward the step was taken inside backward)
+            if not hooks:
                 optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -298,18 +353,27 @@ def train(model, train_data, val_data, cfg, *, resume=False, on_save=None):
                     print(f"step {step}/{cfg.steps}  loss {loss:.4f}  lr {lr:.2e}  {tokens / seconds:.0f} tok/s")
                 tokens, seconds, write = 0, 0.0, True
             if val_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-                val_loss, val_ppl = evaluate(
-                    model, val_data, cfg.batch_size, cfg.eval_batches, device=device, bf16=bf16
-                )
-                metrics["eval"].append({"step": step, "val_loss": val_loss, "val_ppl": val_ppl})
-                if cfg.progress is not False:
-                    tqdm.write(f"step {step}: held-out loss {val_loss:.4f} (ppl {val_ppl:.1f})")
+                held_out(step)
                 write = True
+                if not warned and overfitting(metrics, cfg.overfit_patience):
+                    warned = True
+                    tqdm.write(
+                        f"step {step}: the held-out loss has risen for {cfg.overfit_patience} evaluations while the "
+                        f"training loss fell: overfitting (the best, {metrics['best']['val_loss']:.4f} at step "
+                        f"{metrics['best']['step']}, is kept; try a lower --lr, fewer --steps or --early-stop N)"
+                    )
+                worse = sum(e["step"] > metrics["best"]["step"] for e in metrics["eval"])  # evaluations since the best
+                if cfg.early_stop and worse >= cfg.early_stop:
+                    stopped = step
+                    tqdm.write(f"step {step}: early stop after {worse} evaluations without a new best held-out loss")
             if out_dir is not None and write:  # before the checkpoint: resume drops entries after its step
-                out_dir.mkdir(parents=True, exist_ok=True)
-                write_json_atomic(metrics, out_dir / "metrics.json")
-            if out_dir is not None and ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps):
+                write_json(out_dir / "metrics.json", metrics, indent=1)
+            save = (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stopped
+            if out_dir is not None and save:
+                finite_or_stop("weights", step, all_finite(params))  # never a NaN checkpoint
                 ckpt = save_checkpoint(out_dir, step, model, named, optimizer, scheduler, cfg, on_save)
+            if stopped:
+                break
     finally:
         for h in hooks:
             h.remove()
@@ -317,4 +381,13 @@ def train(model, train_data, val_data, cfg, *, resume=False, on_save=None):
         model.train(was_training)
     last = metrics["eval"][-1] if metrics["eval"] else {}
     return {**metrics, "loss": loss, "val_loss": last.get("val_loss"), "val_ppl": last.get("val_ppl"),
-            "checkpoint": str(ckpt) if ckpt else None}  # fmt: skip
+            "checkpoint": str(ckpt) if ckpt else None, "stopped_early_at": stopped}  # fmt: skip
+
+
+def overfitting(metrics, patience):
+    """The last `patience` held-out losses each rose, while the training loss over the same span fell."""
+    evals = metrics["eval"][-(patience + 1) :]
+    if len(evals) <= patience or not all(a["val_loss"] < b["val_loss"] for a, b in zip(evals, evals[1:])):
+        return False
+    span = [e["loss"] for e in metrics["train"] if e["step"] >= evals[0]["step"]]
+    return len(span) >= 2 and span[-1] < span[0]

@@ -170,7 +170,7 @@ def test_generate_with_cache_equals_recomputing():
     [
         (dict(bottleneck_size=0), "bottleneck_size must be a positive integer, got 0"),
         (dict(bottleneck_size=-4), "bottleneck_size must be a positive integer, got -4"),
-        (dict(bottleneck_size=2.5), "bottleneck_size must be a positive integer, got 2.5"),
+        (dict(bottleneck_size=2.5), "bottleneck_size must be an integer, got 2.5"),
         (dict(placement="parallel"), r"placement must be one of \['houlsby', 'pfeiffer'\], got 'parallel'"),
         (dict(activation="swish"), r"activation must be one of \['gelu', 'relu', 'silu', 'tanh'\], got 'swish'"),
     ],

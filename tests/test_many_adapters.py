@@ -64,10 +64,10 @@ def test_mixed_batch_errors():
     with pytest.raises(ValueError, match=r"unknown adapter names \['z'\]"):
         pm(ids, adapter_names=["a", "z"])
     pm.merge_adapter()
-    with pytest.raises(ValueError, match="mixed batches need unmerged, non-DoRA"):
+    with pytest.raises(ValueError, match="mixed batches need unmerged adapters"):
         pm(ids, adapter_names=["a", "b"])
     dora = get_peft_model(tiny_model(), lora(2, 1, use_dora=True))
-    with pytest.raises(ValueError, match="mixed batches need unmerged, non-DoRA"):
+    with pytest.raises(ValueError, match=r"mixed batches do not work with DoRA adapters \(\['default'\]\)"):
         dora(ids, adapter_names=["default", "__base__"])
 
 

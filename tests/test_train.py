@@ -190,12 +190,15 @@ def test_loss_falls_on_a_memorisable_corpus_and_metrics_are_logged(text_data, tm
     losses = [e["loss"] for e in m["train"]]
     assert [e["step"] for e in m["train"]] == [10, 20, 30, 40, 50, 60]
     assert losses[0] > 2.5 and losses[-1] < 0.6 * losses[0]  # ln(64) = 4.16 at the start
-    assert [e["step"] for e in m["eval"]] == [20, 40, 60]
+    assert [e["step"] for e in m["eval"]] == [0, 20, 40, 60]  # step 0: the held-out loss before training
     assert m["eval"][-1]["val_loss"] < m["eval"][0]["val_loss"]
     assert all(e["val_ppl"] == pytest.approx(math.exp(e["val_loss"])) for e in m["eval"])
     assert all(e["tokens_per_s"] > 0 for e in m["train"])
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
-    assert on_disk == {"train": m["train"], "eval": m["eval"]}
+    assert on_disk == {"train": m["train"], "eval": m["eval"], "best": m["best"]}
+    assert m["best"] == min(
+        ({"step": e["step"], "val_loss": e["val_loss"]} for e in m["eval"]), key=lambda e: e["val_loss"]
+    )
     assert model.training  # the mode it came in with
 
 
@@ -341,7 +344,7 @@ def test_resume_finds_the_previous_checkpoint_after_a_crash_between_the_renames(
     model = make_model()
     train(model, *text_data, cfg(steps=4, out_dir=str(tmp_path)), resume=True)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
-    assert sorted(f.name for f in tmp_path.iterdir()) == ["checkpoint", "metrics.json"]
+    assert sorted(f.name for f in tmp_path.iterdir()) == [".lock", "checkpoint", "metrics.json"]
 
 
 def test_resume_refuses_a_checkpoint_whose_parameters_do_not_match(text_data, tmp_path):
@@ -391,8 +394,8 @@ def test_an_infinite_loss_before_any_checkpoint_says_so(text_data):
     calls = [0]
 
     def inject_inf(module, args, output):
-        calls[0] += 1
-        return output * float("inf") if calls[0] == 3 else None
+        calls[0] += module.training  # training forwards only, not the evaluation batches
+        return output * float("inf") if module.training and calls[0] == 3 else None
 
     model.model.norm.register_forward_hook(inject_inf)
     before = trainable_snapshot(model)
@@ -418,7 +421,7 @@ def test_a_save_that_fails_midway_leaves_the_previous_checkpoint_intact(text_dat
         train(make_model(), *text_data, cfg(steps=3, save_every=1, out_dir=str(tmp_path)))
     assert json.loads(seen["trainer_state.json"])["step"] == 1
     assert dir_bytes(tmp_path / "checkpoint") == seen
-    assert sorted(f.name for f in tmp_path.iterdir()) == ["checkpoint", "metrics.json"]  # no temp dir left
+    assert sorted(f.name for f in tmp_path.iterdir()) == [".lock", "checkpoint", "metrics.json"]  # no temp dir left
     monkeypatch.undo()
     train(make_model(), *text_data, cfg(steps=3, out_dir=str(tmp_path)), resume=True)
 
