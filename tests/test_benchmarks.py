@@ -116,3 +116,59 @@ def test_loss_chunks_eager_and_fused_agree(monkeypatch):
     assert len(rows) == 8
     assert max(r["loss"] for r in rows) - min(r["loss"] for r in rows) < 1e-4
     assert max(r["grad_h_norm"] for r in rows) / min(r["grad_h_norm"] for r in rows) < 1 + 1e-2
+
+
+def test_sweep_defaults_quick_runs_and_picks(monkeypatch, tmp_path, capsys):
+    """benchmarks/sweep_defaults.py --quick: every (method, lr) run is recorded; its lora run is the one
+    `minipeft finetune` gives (the same held-out losses, though the CLI evaluates less often); --pick returns, per
+    method, the lr with last < before of the lowest last/before, recomputed here from the JSON."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import sweep_defaults
+    import torch
+
+    from minipeft import cli
+
+    sweep_defaults.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "sweep-quick.json").read_text())
+    assert [(r["method"], r["lr"]) for r in res["runs"]] == [("lora", 1e-3), ("lora", 3e-3), ("prompt", 1e-3),
+                                                             ("prompt", 3e-3)]  # fmt: skip
+    assert res["command"].endswith("--quick --device cpu --out " + str(tmp_path)) and res["machine"]["torch"]
+    for r in res["runs"]:
+        assert [e["step"] for e in r["eval"]] == [0, 1, 2, 3] and [e["step"] for e in r["train"]] == [1, 2, 3]
+        assert r["before"] == r["eval"][0]["val_loss"] and r["last"] == r["eval"][-1]["val_loss"]
+        assert r["best"]["val_loss"] == min(e["val_loss"] for e in r["eval"]) and r["seconds"] > 0
+    # 5 layers, hidden 256: LoRA r=8 on q (256 -> 256) and v (256 -> 128), r * (in + out) each; 20 virtual tokens
+    assert res["runs"][0]["trainable_params"] == 5 * 8 * ((256 + 256) + (256 + 128))
+    assert res["runs"][2]["trainable_params"] == 20 * 256
+
+    # the same run through the CLI (its default --eval-every 20: evaluations at steps 0 and 3 only)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as --quick: the same kernels, so the same numbers
+    try:
+        cli.main(["finetune", "--method", "lora", "--steps", "3", "--lr", "0.003",
+                  "--out", str(tmp_path / "cli"), "--no-samples", "--device", "cpu"])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    evals = json.loads((tmp_path / "cli" / "metrics.json").read_text())["eval"]
+    assert [e["val_loss"] for e in evals] == pytest.approx([res["runs"][1]["before"], res["runs"][1]["last"]], abs=1e-6)
+
+    capsys.readouterr()
+    picks = sweep_defaults.main(["--pick", str(tmp_path / "sweep-quick.json")])
+    out = capsys.readouterr().out
+    for method in ("lora", "prompt"):
+        runs = [r for r in res["runs"] if r["method"] == method]
+        ok = [r for r in runs if r["last"] < r["before"]]
+        want = min(ok, key=lambda r: r["last"] / r["before"])["lr"] if ok else None
+        assert picks[method] == want, (method, picks, runs)
+        assert f"| {method} | {'none' if want is None else f'{want:g}'} |" in out
+    assert any(v is not None for v in picks.values())  # 3 steps lower the loss of at least one method
+
+    # with a second model, on which lora's 3e-3 ends above its start and prompt's 1e-3 was not tried, only lrs
+    # tried on both and lowering the loss on both can be picked
+    runs = {(r["method"], r["lr"]): r for r in res["runs"]}
+    worse = dict(runs["lora", 3e-3], last=runs["lora", 3e-3]["before"] + 0.1)
+    other = dict(res, model="other", runs=[worse, runs["lora", 1e-3], runs["prompt", 3e-3]])
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    picks = sweep_defaults.main(["--pick", str(tmp_path / "sweep-quick.json"), str(tmp_path / "other.json")])
+    lowers = {k: r["last"] < r["before"] for k, r in runs.items()}
+    assert picks == {"lora": 1e-3 if lowers["lora", 1e-3] else None, "prompt": 3e-3 if lowers["prompt", 3e-3] else None}
