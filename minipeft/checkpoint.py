@@ -17,14 +17,11 @@ inv_freq, in no checkpoint, is recomputed. Errors are one line naming the file, 
 GGUF (llama.cpp's format): read by gguf.py, then checked and assigned here like an HF folder.
 """
 
-import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
-import uuid
 import warnings
 import zipfile
 from pathlib import Path
@@ -34,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import gguf
+from .files import read_json, replace_dir
 from .model import ModelConfig, Transformer, rope_inv_freq
 from .tokenizer import Tokenizer
 
@@ -44,6 +42,7 @@ REGISTRY = {"tiny-shakespeare": None, "smollm2-135m-instruct": SMOLLM2}  # None:
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
+WEIGHT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json")  # what a save replaces
 # What transformers' config classes assume for a key config.json leaves out (ModelConfig's defaults differ).
 HF_DEFAULTS = dict(rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=10000.0, hidden_act="silu")
 HF_TYPE_DEFAULTS = {"llama": dict(max_position_embeddings=2048),
@@ -105,7 +104,7 @@ def _registered_path(name):
 def _load_hf_dir(directory, dtype):
     """Everything is checked against the config from the safetensors headers (names, shapes, dtypes) before any
     tensor is built; the weights are then read and checked to be finite."""
-    cfg, saved_dtype = config_from_hf(_read_json(directory / "config.json"), directory / "config.json")
+    cfg, saved_dtype = config_from_hf(read_json(directory / "config.json"), directory / "config.json")
     handles = {}  # key -> the open file that holds it
     for file in _weight_files(directory):
         try:  # safe_open reads and validates the header: a truncated file fails here, before any work
@@ -209,7 +208,7 @@ def _weight_files(directory):
     if single.is_file():
         return [single]
     if index.is_file():
-        weight_map = _read_json(index)
+        weight_map = read_json(index)
         weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
         if not isinstance(weight_map, dict) or any(not isinstance(f, str) or "/" in f for f in weight_map.values()):
             raise ValueError(f"{index} has no weight_map of tensor names to shard file names in this folder")
@@ -344,7 +343,7 @@ def save_pretrained(model, path, tokenizer=None):
     tensors = {
         k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")
     }
-    with _atomic_dir(path) as tmp:
+    with replace_dir(path, drop=WEIGHT_FILES) as tmp:  # other files already in the folder are kept
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer is not None:
@@ -383,63 +382,6 @@ def config_to_hf(cfg, dtype):
         d.update(use_sliding_window=True, sliding_window=window, max_window_layers=0)
     name = str(dtype).removeprefix("torch.")
     return {**d, "torch_dtype": name, "dtype": name}  # transformers < 5 reads the first, >= 5 the second
-
-
-def fsync(path):  # a file or a directory: its bytes (or its entries) are on disk when this returns
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path, write):
-    """Call write(tmp_path), then rename tmp over path: a reader sees the old file or the new one, whole."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        fsync(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-@contextlib.contextmanager
-def _atomic_dir(path):
-    """Yield a new folder beside `path`, which becomes `path` on success. A crash at any moment leaves the
-    previous checkpoint whole (at worst renamed to .<name>.old-*, next to it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        yield tmp
-        for f in [*tmp.rglob("*"), tmp]:  # on disk before the renames make them visible
-            fsync(f)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if not path.exists():
-        os.rename(tmp, path)
-        fsync(path.parent)
-        return
-    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-    os.rename(path, old)  # two renames: POSIX cannot atomically replace a non-empty folder
-    os.rename(tmp, path)
-    fsync(path.parent)
-    for entry in old.iterdir():
-        if not (path / entry.name).exists() and not entry.name.startswith("model"):
-            os.rename(entry, path / entry.name)
-    shutil.rmtree(old)
-
-
-def _read_json(path):
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
 # ---- download ----------------------------------------------------------------------------------------------

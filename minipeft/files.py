@@ -87,9 +87,10 @@ def _link(src, dst):
 
 
 @contextlib.contextmanager
-def replace_dir(path, keep_others=True):
+def replace_dir(path, keep_others=True, drop=()):
     """Yield a new folder beside `path` to fill; on success it becomes `path` (see the module docstring).
-    A symlink at `path` is followed: the folder it points to is replaced and the link kept."""
+    Entries of the old folder matching a glob pattern in `drop` are not carried over (a model save drops the old
+    weight shards it supersedes). A symlink at `path` is followed: the folder it points to is replaced."""
     path = Path(os.path.realpath(path))
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} exists and is not a folder")
@@ -105,6 +106,8 @@ def replace_dir(path, keep_others=True):
         yield new
         if keep_others and path.is_dir():
             for entry in path.iterdir():
+                if any(entry.match(pattern) for pattern in drop):
+                    continue
                 if not (new / entry.name).exists() and not (new / entry.name).is_symlink():
                     _link_tree(entry, new / entry.name)
         for f in [*new.rglob("*"), new]:  # on disk before the renames make them visible

@@ -214,6 +214,13 @@ class ModelOutput:
     loss: torch.Tensor | None = None
     past_key_values: list | None = None
 
+    def __getitem__(self, i):  # as transformers' outputs: out[0] is the loss when there is one, else the logits
+        return (
+            getattr(self, i)
+            if isinstance(i, str)
+            else tuple(v for v in (self.loss, self.logits, self.past_key_values) if v is not None)[i]
+        )
+
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):

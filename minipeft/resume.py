@@ -96,6 +96,17 @@ def save_checkpoint(out_dir, step, model, named_params, optimizer, scheduler, cf
     return final
 
 
+def recover_checkpoint(out_dir):
+    """Before a resumed run writes anything: a checkpoint.old left alone by a crash between the two renames of a
+    save becomes checkpoint/ again, and the folders of killed saves are removed. Returns find_checkpoint()."""
+    out_dir = Path(out_dir)
+    if not (out_dir / CHECKPOINT).exists() and (aside(out_dir / CHECKPOINT) / "trainer_state.json").is_file():
+        aside(out_dir / CHECKPOINT).rename(out_dir / CHECKPOINT)
+    for stale in [*out_dir.glob(f".{CHECKPOINT}.tmp-*"), *out_dir.glob(f".{CHECKPOINT}.new-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return find_checkpoint(out_dir)
+
+
 def find_checkpoint(out_dir):
     for path in (Path(out_dir) / CHECKPOINT, aside(Path(out_dir) / CHECKPOINT)):  # .old: a crash between renames
         if (path / "trainer_state.json").is_file():

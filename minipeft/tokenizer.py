@@ -46,6 +46,8 @@ import numpy as np
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _RustTokenizer
 
+from .files import read_json
+
 # SmolLM2-Instruct's template, exactly as it ships in tokenizer_config.json and in the GGUF metadata.
 SMOLLM2_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 SMOLLM2_CHAT_TEMPLATE = (
@@ -286,10 +288,5 @@ class Tokenizer:
         return "".join(out)
 
 
-def _read_json(path):
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+def _read_json(path):  # the optional files beside tokenizer.json: {} when absent (errors as files.read_json)
+    return read_json(path, expect=dict) if path.is_file() else {}

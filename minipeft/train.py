@@ -61,7 +61,7 @@ from tqdm import tqdm
 
 from .data import IGNORE_INDEX, batch_stream, batches
 from .files import read_json, run_lock, write_json
-from .resume import find_checkpoint, load_checkpoint, save_checkpoint
+from .resume import load_checkpoint, recover_checkpoint, save_checkpoint
 
 COMPILE_MODES = (False, True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -254,7 +254,7 @@ def train(model, train_data, val_data, cfg, *, resume=False, on_save=None, on_be
 
 
 def _train(model, named, device, out_dir, train_data, val_data, cfg, resume, on_save, on_best):
-    ckpt = find_checkpoint(out_dir) if resume else None  # the last good checkpoint, all along
+    ckpt = recover_checkpoint(out_dir) if resume else None  # the last good checkpoint, all along
     if resume and ckpt is None:
         raise FileNotFoundError(f"resume=True but there is no checkpoint in {out_dir}")
     auto_bf16 = device.type == "cuda" and named[0][1].dtype == torch.float32
@@ -385,9 +385,10 @@ def _train(model, named, device, out_dir, train_data, val_data, cfg, resume, on_
 
 
 def overfitting(metrics, patience):
-    """The last `patience` held-out losses each rose, while the training loss over the same span fell."""
+    """The last `patience` held-out losses each rose, while the training loss fell since the best evaluation
+    (the first training loss logged at or after the best step, against the latest one)."""
     evals = metrics["eval"][-(patience + 1) :]
     if len(evals) <= patience or not all(a["val_loss"] < b["val_loss"] for a, b in zip(evals, evals[1:])):
         return False
-    span = [e["loss"] for e in metrics["train"] if e["step"] >= evals[0]["step"]]
-    return len(span) >= 2 and span[-1] < span[0]
+    since_best = [e["loss"] for e in metrics["train"] if e["step"] >= metrics["best"]["step"]]
+    return len(since_best) >= 2 and since_best[-1] < since_best[0]

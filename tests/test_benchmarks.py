@@ -140,6 +140,8 @@ def test_sweep_defaults_quick_runs_and_picks(monkeypatch, tmp_path, capsys):
     # 5 layers, hidden 256: LoRA r=8 on q (256 -> 256) and v (256 -> 128), r * (in + out) each; 20 virtual tokens
     assert res["runs"][0]["trainable_params"] == 5 * 8 * ((256 + 256) + (256 + 128))
     assert res["runs"][2]["trainable_params"] == 20 * 256
+    assert res["runs"][0]["before"] == pytest.approx(res["runs"][0]["base"], abs=1e-6)  # LoRA's B = 0: the base
+    assert res["runs"][2]["before"] > res["runs"][2]["base"] + 1e-3  # 20 random virtual tokens: worse than the base
 
     # the same run through the CLI (its default --eval-every 20: evaluations at steps 0 and 3 only)
     threads = torch.get_num_threads()

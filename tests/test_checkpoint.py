@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from minipeft import checkpoint
+from minipeft import files as files_module
 from minipeft.checkpoint import config_from_hf, download, load_pretrained, save_pretrained
 from minipeft.gguf import dequantize, read_gguf
 from minipeft.model import ModelConfig, Transformer
@@ -557,14 +558,14 @@ def test_bad_save(tmp_path):
 
 def test_save_pretrained_puts_every_file_on_disk_before_it_becomes_visible(tmp_path, monkeypatch):
     """Each file of the folder, and the folder, is fsynced under its temporary name, before the renames."""
-    synced, real = [], checkpoint.fsync
+    synced, real = [], files_module.fsync
 
     def record(path):
         synced.append(Path(path))
         real(path)
 
-    monkeypatch.setattr(checkpoint, "fsync", record)
+    monkeypatch.setattr(files_module, "fsync", record)
     save_pretrained(Transformer(ModelConfig(**TINY)), tmp_path / "out")
     files = sorted(f.name for f in (tmp_path / "out").iterdir())
-    assert files and set(files) <= {p.name for p in synced if p.parent.name.startswith(".out.tmp-")}
-    assert any(p.name.startswith(".out.tmp-") for p in synced) and tmp_path in synced  # the folder, then its parent
+    assert files and set(files) <= {p.name for p in synced if p.parent.name.startswith(".out.new-")}
+    assert any(p.name.startswith(".out.new-") for p in synced) and tmp_path in synced  # the folder, then its parent

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import minipeft.train as train_module
 from minipeft.checkpoint import load_pretrained
-from minipeft.cli import main
+from minipeft.cli import DEFAULT_DATA, main
 from minipeft.peft import PeftModel
 
 FAST = ["--steps", "6", "--eval-every", "3", "--batch-size", "4", "--seq-len", "48"]
@@ -178,3 +178,143 @@ def test_full_finetuning_with_the_optimizer_in_backward_learns(tmp_path):
     assert all(e["grad_norm"] is None for e in metrics["train"])
     assert metrics["eval"][-1]["val_loss"] < metrics["eval"][0]["val_loss"]
     assert (out / "model").is_dir()
+
+
+# ------------------------------------------------------------------------- nothing a user owns is lost
+
+
+def tree(path):
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_merge_refuses_a_non_empty_out_and_with_overwrite_keeps_the_users_files(tmp_path):
+    run = finetune(tmp_path)
+    out = tmp_path / "merged"
+    (out / "models" / "v1").mkdir(parents=True)
+    (out / "models" / "v1" / "w.bin").write_bytes(b"mine")
+    (out / "model_card.md").write_text("my notes")
+    (out / "modeling_custom.py").write_text("# my code")
+    mine = tree(out)
+    with pytest.raises(SystemExit, match=r"--out .*merged is not empty \(model_card.md, modeling_custom.py, models\)"):
+        main(["merge", "--adapter", str(run), "--out", str(out)])
+    assert tree(out) == mine
+    main(["merge", "--adapter", str(run), "--out", str(out), "--overwrite"])
+    after = tree(out)
+    assert {k: after[k] for k in mine} == mine and {"config.json", "model.safetensors"} <= after.keys()
+    load_pretrained(out)  # and the merged model is there, whole
+
+
+def test_merge_never_writes_into_the_base_models_folder(tmp_path):
+    from minipeft import save_pretrained
+
+    model, tok = load_pretrained("tiny-shakespeare")
+    save_pretrained(model, tmp_path / "base", tok)
+    run = finetune(tmp_path, "--model", str(tmp_path / "base"))
+    before = tree(tmp_path / "base")
+    (tmp_path / "link").symlink_to(tmp_path / "base")
+    for out in (tmp_path / "base", tmp_path / "link"):
+        with pytest.raises(SystemExit, match="is the base model's own folder"):
+            main(["merge", "--adapter", str(run), "--out", str(out), "--overwrite"])
+    assert tree(tmp_path / "base") == before
+
+
+def test_a_finished_run_is_not_replaced_without_a_flag(tmp_path):
+    run = finetune(tmp_path)
+    before = tree(run)
+    with pytest.raises(SystemExit, match="is not empty .*pass --resume to continue it, or --overwrite"):
+        finetune(tmp_path, "--seed", "1")
+    assert tree(run) == before
+    finetune(tmp_path, "--seed", "1", "--overwrite")
+    assert tree(run)["adapter-last/adapter_model.safetensors"] != before["adapter-last/adapter_model.safetensors"]
+
+
+def test_a_second_run_on_the_same_out_stops_at_once(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys
+            from minipeft.files import run_lock
+            with run_lock({str(out)!r}):
+                print("locked", flush=True)
+                sys.stdin.read()
+            """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit, match=r"error: .*run is in use by another run"):
+            finetune(tmp_path)
+    finally:
+        holder.communicate("")
+    assert not (out / "adapter").exists()
+
+
+def test_nan_weights_are_never_saved_and_the_last_good_checkpoint_stays(tmp_path, monkeypatch):
+    """A step whose gradients are NaN (the loss before backward still finite) stops the run before the step is
+    applied: the step-2 checkpoint stays, no adapter holds a NaN, and the exit is an error."""
+    real, calls = train_module.batch_loss, [0]
+
+    def nan_gradients_at_step_3(model, *a, **k):
+        loss = real(model, *a, **k)
+        calls[0] += model.training
+        if model.training and calls[0] == 3:
+            next(p for p in model.parameters() if p.requires_grad).register_hook(lambda g: g * float("nan"))
+        return loss
+
+    monkeypatch.setattr(train_module, "batch_loss", nan_gradients_at_step_3)
+    with pytest.raises(SystemExit, match=r"error: non-finite gradient norm nan at step 3; stopped, the last good"):
+        finetune(tmp_path, "--steps", "4", "--save-every", "2", "--eval-every", "1")
+    run = tmp_path / "run"
+    assert json.loads((run / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
+    for f in run.rglob("*.safetensors"):
+        assert all(torch.isfinite(t).all() for t in load_file(f).values()), f
+
+
+def test_only_checkpoint_old_left_resumes_and_is_never_deleted(tmp_path):
+    run = finetune(tmp_path, "--save-every", "3")
+    full = load_file(run / "adapter-last" / "adapter_model.safetensors")
+    (run / "checkpoint").rename(run / "checkpoint.old")  # a crash between the two renames of a save
+    (run / ".checkpoint.new-123-deadbeef").mkdir()  # and what a killed save leaves
+    kept = tree(run / "checkpoint.old")
+    with pytest.raises(SystemExit, match="is not empty"):
+        finetune(tmp_path, "--save-every", "3")  # the obvious retry: refused, .old untouched
+    assert tree(run / "checkpoint.old") == kept
+    finetune(tmp_path, "--save-every", "3", "--resume")  # resumes from checkpoint.old (step 6: nothing left)
+    assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == ["checkpoint"]
+    again = load_file(run / "adapter-last" / "adapter_model.safetensors")
+    assert all(torch.equal(full[k], again[k]) for k in full)
+
+
+def test_the_best_adapter_is_kept_and_the_last_beside_it(tmp_path, monkeypatch, capsys):
+    """On 6 kB of text at lr 1e-2 the held-out loss rises after its best (step 6): adapter/ holds exactly the
+    weights of the best evaluation (recorded here independently, at each evaluation), adapter-last/ the last, and
+    the run says it overfits."""
+    real, snapshots = train_module.evaluate, {}
+
+    def evaluate_and_remember(model, *a, **k):
+        result = real(model, *a, **k)
+        snapshots[len(snapshots)] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return result
+
+    monkeypatch.setattr(train_module, "evaluate", evaluate_and_remember)
+    small = tmp_path / "small.txt"
+    small.write_text(DEFAULT_DATA.read_text(encoding="utf-8")[:6000])
+    out = finetune(tmp_path, "--data", str(small), "--steps", "24", "--eval-every", "3", "--lr", "1e-2",
+                   "--targets", "all-linear")  # fmt: skip
+    text = capsys.readouterr().out
+    assert "overfitting (the best," in text and "best 3.96" in text
+    metrics = json.loads((out / "metrics.json").read_text())
+    evals, best = metrics["eval"], metrics["best"]
+    assert best["val_loss"] == min(e["val_loss"] for e in evals) and evals[-1]["val_loss"] > best["val_loss"]
+    assert 0 < best["step"] < 24
+    want = snapshots[[e["step"] for e in evals].index(best["step"])]
+    kept = load_file(out / "adapter" / "adapter_model.safetensors")
+    # parameter name base_model.<module>.lora_A.default.weight -> PEFT's key base_model.model.<module>.lora_A.weight
+    want = {"base_model.model." + n.removeprefix("base_model.").replace(".default", ""): p for n, p in want.items()}
+    assert want.keys() == kept.keys() and all(torch.equal(want[k], kept[k]) for k in kept)
+    last = load_file(out / "adapter-last" / "adapter_model.safetensors")
+    assert any(not torch.equal(last[k], kept[k]) for k in kept)

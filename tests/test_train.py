@@ -542,3 +542,49 @@ def test_a_gradient_left_from_before_train_does_not_enter_the_first_step(text_da
             p.grad = torch.full_like(p, 100.0)
         train(stale, *text_data, cfg(**kw))
         assert all(torch.equal(p, q) for p, q in zip(stale.parameters(), clean.parameters())), in_backward
+
+
+def test_early_stop_after_n_evaluations_without_a_new_best_and_on_best_sees_each_best(text_data, tmp_path):
+    """A learning rate that diverges after a first improvement: early_stop=2 stops two evaluations after the best,
+    saves a checkpoint there, and on_best was called exactly at each new lowest held-out loss."""
+    model, bests = make_model(), []
+    m = train(model, *text_data, cfg(steps=40, lr=0.3, eval_every=2, early_stop=2, out_dir=str(tmp_path)),
+              on_best=lambda mod, step, loss: bests.append((step, loss)))  # fmt: skip
+    evals = [(e["step"], e["val_loss"]) for e in m["eval"]]
+    running = [e for i, e in enumerate(evals) if e[1] < min([x[1] for x in evals[:i]], default=math.inf)]
+    assert bests == running and m["best"] == {"step": bests[-1][0], "val_loss": bests[-1][1]}
+    assert m["stopped_early_at"] == evals[-1][0] == m["best"]["step"] + 2 * 2 < 40
+    assert json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["step"] == m["stopped_early_at"]
+
+
+def test_a_nan_gradient_stops_before_the_step_and_the_weights_stay_finite(text_data):
+    model, calls = make_model(), [0]
+    p0 = next(p for p in model.parameters() if p.requires_grad)
+
+    def nan_grad_at_step_2(module, args, output):
+        calls[0] += module.training
+        if module.training and calls[0] == 2:
+            p0.register_hook(lambda g: g * float("nan"))
+
+    model.model.norm.register_forward_hook(nan_grad_at_step_2)
+    with pytest.raises(NonFiniteLossError, match="non-finite gradient norm nan at step 2; stopped"):
+        train(model, *text_data, cfg(steps=4))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_with_the_optimizer_in_backward_nan_weights_stop_the_run_before_a_save(text_data, tmp_path):
+    model, calls = make_model(), [0]
+    p0 = next(p for p in model.parameters() if p.requires_grad)
+
+    def nan_grad_at_step_3(module, args, output):
+        calls[0] += module.training
+        if module.training and calls[0] == 3:
+            p0.register_hook(lambda g: g * float("nan"))
+
+    model.model.norm.register_forward_hook(nan_grad_at_step_3)
+    config = cfg(steps=5, save_every=2, optimizer_in_backward=True, max_grad_norm=None, out_dir=str(tmp_path))
+    with pytest.raises(NonFiniteLossError, match="non-finite weights after the step at step 3"):
+        train(model, *text_data, config)
+    saved = load_file(tmp_path / "checkpoint" / "trainable.safetensors")
+    assert json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
+    assert all(torch.isfinite(t).all() for t in saved.values())
