@@ -25,6 +25,8 @@ What the sweep's names run (the CLI has one default lr per --method, so lora, lo
 The pick (--pick FILE ...): runs are keyed by (model, method, lr); for each method, among the lrs tried on every
 model, those whose last held-out loss is below its step-0 loss on every model; of those, the lowest mean of
 last / before over the models. A method with no such lr gets none: widen its grid rather than take the least bad.
+"before" is the adapted model at step 0; "base" is the base model alone. They differ for QLoRA (4-bit) and for
+prefix/prompt tuning (random virtual tokens raise the loss): there last < before can still be above the base.
 """
 
 import argparse
@@ -91,10 +93,10 @@ def run_one(method, lr, a):
     model, tokenizer = load_pretrained(args.model, dtype=dtype, device=device)
     train_data, val_data = load_dataset(args.data, tokenizer, args.seq_len, chat="auto")
     row = dict(method=method, lr=lr, flags=VARIANTS[method], steps=args.steps)
-    if args.method == "qlora":  # the dense base's loss too: what 4-bit quantization costs before any training
-        row["before_dense"], _ = evaluate(
-            model, val_data, args.batch_size, 20, device=device, bf16=device.startswith("cuda")
-        )
+    # The base model's own held-out loss (dense, no adapter; evaluation draws no random number): step 0 equals it
+    # for LoRA, DoRA, adapters and full, but not for 4-bit QLoRA, nor prefix/prompt (random virtual tokens).
+    row["base"], _ = evaluate(model, val_data, args.batch_size, 20, device=device, bf16=device.startswith("cuda"))
+    if args.method == "qlora":
         model = quantize_model(model, blocksize=args.blocksize, double_quant=not args.no_double_quant)
     if config is not None:
         model = get_peft_model(model, config, tokenizer=tokenizer)
@@ -117,7 +119,9 @@ def run_one(method, lr, a):
 
 
 def machine(device):
-    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu"
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")), None)
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu or platform.processor() or "cpu"
     return dict(platform=platform.platform(), python=platform.python_version(), torch=torch.__version__,
                 device=device, device_name=name, cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads())  # fmt: skip
 
@@ -128,14 +132,14 @@ def fmt(x, spec=".4f"):
 
 def table(runs):
     lines = [
-        "| method | lr | before | best (step) | last | last - before | trainable | s |",
-        "|---|---:|" + "---:|" * 6,
+        "| method | lr | base | before | best (step) | last | last - before | trainable | s |",
+        "|---|---:|" + "---:|" * 7,
     ]
     for r in runs:
         best = r["best"] and f"{r['best']['val_loss']:.4f} ({r['best']['step']})"
         diff = None if r["last"] is None else r["last"] - r["before"]
-        lines.append(f"| {r['method']} | {r['lr']:g} | {fmt(r['before'])} | {best or '-'} | {fmt(r['last'])} | "
-                     f"{fmt(diff, '+.4f')} | {r['trainable_params']:,d} | {r['seconds']:.1f} |")  # fmt: skip
+        lines.append(f"| {r['method']} | {r['lr']:g} | {fmt(r.get('base'))} | {fmt(r['before'])} | {best or '-'} | "
+                     f"{fmt(r['last'])} | {fmt(diff, '+.4f')} | {r['trainable_params']:,d} | {r['seconds']:.1f} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -173,6 +177,12 @@ def choose(runs, models, variants):
     return min(scores.items(), key=lambda kv: kv[1]) if scores else (None, None)
 
 
+def cell(r):  # "before -> last", and the base model's loss where step 0 is not the base (QLoRA, prefix, prompt)
+    base = r.get("base")
+    far = base is not None and abs(base - r["before"]) > 5e-4
+    return f"{r['before']:.4f} -> {r['last']:.4f}" + (f" (base {base:.4f})" if far else "")
+
+
 def pick(paths):
     """Read the sweeps (one or more per model), print and return {method: recommended lr or None}."""
     runs = {}  # (model, method, lr) -> run; a later file's run replaces an earlier one's
@@ -193,8 +203,7 @@ def pick(paths):
             continue
         lr, score = choose(runs, models, [me])
         picks[me] = lr
-        cells = " | ".join("-" if lr is None else f"{runs[m, me, lr]['before']:.4f} -> {runs[m, me, lr]['last']:.4f}"
-                           for m in models)  # fmt: skip
+        cells = " | ".join("-" if lr is None else cell(runs[m, me, lr]) for m in models)
         now = cli.METHOD_DEFAULTS[VARIANTS[me][1]]["lr"]
         lines.append(f"| {me} | {'none' if lr is None else f'{lr:g}'} | {cells} | {fmt(score)} | {now:g} |")
     print("\n".join(lines))
