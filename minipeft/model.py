@@ -21,7 +21,8 @@ separate Linear layers on purpose: every method in minipeft adapts them independ
 Precision: everything runs in the parameters' dtype. Only bf16/fp16 are upcast to float32 where it matters
 (norms, the loss); a float64 model stays float64 end to end, which the gradient checks rely on.
 
-Beside this file: the loss (plain, or chunked from the hidden states) in loss.py, the decoding loop in decoding.py.
+Beside this file: the loss in loss.py, the decoding loop in decoding.py. Speed levers (compiled or checkpointed
+blocks, a chunked loss) are applied from the outside by fast.py; this file stays the plain math.
 """
 
 import math
@@ -32,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .decoding import generate
-from .loss import HALF, causal_lm_loss, chunked_causal_lm_loss
+from .loss import HALF, causal_lm_loss
 
 # rope_scaling types and the keys each needs (rope_inv_freq); every one must be a positive number
 ROPE_KEYS = {"default": (), "linear": ("factor",), "llama3": ("factor", "original_max_position_embeddings")}
@@ -237,8 +238,6 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg).float(), persistent=False)
-        self.gradient_checkpointing = False  # recompute each block in backward: less memory, ~30% more time
-        self.compiled_blocks = None  # compile_blocks(): torch.compile'd blocks, used while training
         self.apply(self._init_weights)
 
     def _init_weights(self, m):  # HF Llama's initializer_range = 0.02
@@ -253,15 +252,21 @@ class Transformer(nn.Module):
         self.inv_freq = rope_inv_freq(self.config).to(device=self.model.embed_tokens.weight.device, dtype=dt)
         return self
 
-    def compile_blocks(self, **options):
-        """A speed lever: run each Block through torch.compile while training (eval and generate stay eager,
-        their shapes change from call to call). Inductor fuses RMSNorm, RoPE, SwiGLU and the adapters' small
-        ops into a few kernels and keeps fewer activations for backward; the first step pays the compile (all
-        blocks share one compiled graph). Adapters added or changed later are picked up (dynamo re-checks the
-        modules and re-traces), but past torch._dynamo.config.recompile_limit (8) variants of Block.forward in
-        one process it falls back to eager with a warning. Kept in a plain list: state_dict keys do not change."""
-        self.compiled_blocks = [torch.compile(layer, **options) for layer in self.model.layers]
-        return self  # (returned, so that `model = model.compile_blocks()` reads naturally)
+    # Speed levers live in fast.py; these two names are kept for convenience (and transformers' API).
+    def compile_blocks(self, **options):  # each Block through torch.compile while training: fast.compile_blocks
+        from . import fast
+
+        return fast.compile_blocks(self, **options)
+
+    @property
+    def gradient_checkpointing(self):  # recompute each block in backward: fast.checkpoint_blocks
+        return any(layer.__dict__.get("_fast", {}).get("checkpoint") for layer in self.model.layers)
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enabled):
+        from . import fast
+
+        fast.checkpoint_blocks(self, enabled)
 
     @property
     def dtype(self):
@@ -286,7 +291,7 @@ class Transformer(nn.Module):
         past_key_values=None,
         use_cache=False,
         labels=None,
-        return_logits=True,  # False with labels: only the loss, computed in chunks (saves O(B*T*V) memory)
+        return_logits=True,  # False with labels: only the loss (fast.chunked_loss then never makes the logits)
     ):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -310,24 +315,21 @@ class Transformer(nn.Module):
         cos, sin = self.rotary(position_ids, x.dtype)
         mask = self.attention_mask(attention_mask, B, T, past, x.device)
         new_cache = []
-        compiled = self.compiled_blocks if self.training and self.compiled_blocks else None
         for i, layer in enumerate(self.model.layers):
-            past_kv = past_key_values[i] if past_key_values else None
-            layer = compiled[i] if compiled else layer
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, kv = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, past_kv, use_reentrant=False)
-            else:
-                x, kv = layer(x, cos, sin, mask, past_kv)
+            x, kv = layer(x, cos, sin, mask, past_key_values[i] if past_key_values else None)
             new_cache.append(kv)
         x = self.model.norm(x)
         cache = new_cache if use_cache else None
-        if labels is not None and not return_logits and type(self.lm_head) is nn.Linear:
-            # Training path: the loss straight from the hidden states; the (B, T, V) logits never exist.
-            loss = chunked_causal_lm_loss(x, self.lm_head.weight, labels, fused=compiled is not None)
-            return ModelOutput(loss=loss, past_key_values=cache)
+        if labels is not None and not return_logits:  # the loss alone (what train() asks for)
+            return ModelOutput(loss=self.hidden_loss(x, labels), past_key_values=cache)
         logits = self.lm_head(x)  # (B, T, V)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return ModelOutput(logits=logits, loss=loss, past_key_values=cache)
+
+    def hidden_loss(self, hidden, labels):
+        """The loss from the final hidden states (B, T, D): through the logits here; fast.chunked_loss replaces
+        this on a model with one that never holds the (B, T, V) logits."""
+        return causal_lm_loss(self.lm_head(hidden), labels)
 
     def attention_mask(self, attention_mask, B, T, past, device):
         """Boolean (B, 1, T, S) mask, True = may attend; None when plain causal attention does the job."""

@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from . import fast
 from .decoding import generate
 from .files import existing_dir, read_json, replace_dir
 from .method import CONFIG_NAME, CONFIGS, find_targets, unmatched_targets  # noqa: F401 (re-exported)
@@ -349,16 +350,16 @@ class PeftModel(nn.Module):
             if not was_disabled:  # nested blocks: only the outermost one enables again
                 self.enable_adapter_layers()
 
+    # Speed levers (fast.py), under the names transformers and minipeft users call them by
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        """Recompute each block in backward (less memory, more time), as transformers' method of that name."""
-        self.base_model.gradient_checkpointing = True
+        """Recompute each block in backward (less memory, more time): fast.checkpoint_blocks."""
+        fast.checkpoint_blocks(self, True)
 
     def gradient_checkpointing_disable(self):
-        self.base_model.gradient_checkpointing = False
+        fast.checkpoint_blocks(self, False)
 
-    def compile_blocks(self, **options):  # Transformer.compile_blocks on the base model (a speed lever)
-        self.base_model.compile_blocks(**options)
-        return self
+    def compile_blocks(self, **options):  # fast.compile_blocks
+        return fast.compile_blocks(self, **options)
 
     # ----- counting -----
     def num_parameters(self, trainable_only=False):

@@ -22,13 +22,12 @@ Schedule. LambdaLR multiplies lr by m(s) at optimizer step s = 0 .. steps - 1 (W
     m(s) = r + (1 - r) * (1 + cos(pi * (s - W) / max(1, steps - 1 - W))) / 2   s >= W  cosine down to r
 LoRA+ (Hayou et al. 2024): with lora_plus_ratio = lambda, parameters named *lora_B* get lr * lambda.
 Weight decay, when not 0, applies to matrices (dim >= 2) only, not to norms and biases (as in nanoGPT).
-Speed: compile=True runs the model's blocks through torch.compile (Transformer.compile_blocks); a mode string
-is passed on ("reduce-overhead" adds CUDA graphs, so each micro-batch first marks a new step for them).
-Memory: optimizer_in_backward=True steps each parameter inside backward, as soon as its gradient is complete,
-and frees that gradient, so the gradients of the whole model never exist at once. That lowers full fine-tuning's
-peak when the peak is the optimizer step (a big model, a small batch: 7B at 1 x 512 tokens, 50.5 -> 41.8 GiB),
-not when activations peak first (1B at 4 x 1024: unchanged, and 15% slower). It needs grad_accum=1 and no
-clipping: both need every gradient at once.
+Speed and memory levers (fast.py, behind one seam, each tested equal to this plain loop): chunked_loss (on by
+default: the loss from the hidden states in chunks, no (B, T, V) logits), compile=True or a torch.compile mode
+("reduce-overhead" adds CUDA graphs), optimizer_in_backward=True (each parameter stepped inside backward and its
+gradient freed: lower peak when the optimizer step is the peak, as 7B full fine-tuning at 1 x 512 tokens, 50.5 ->
+41.8 GiB; it needs grad_accum=1 and no clipping, both need every gradient at once). The loop asks them through
+one object, fast.Engine, at three places: before each forward, whether the step was already taken, at the end.
 
 Checkpoints and resume (out_dir/checkpoint/, atomic, no pickle, bit-identical resume): resume.py.
 A non-finite loss, or a non-finite gradient norm, stops training at once with NonFiniteLossError, before the bad
@@ -43,7 +42,7 @@ overfit_patience evaluations in a row while the training loss fell, one line say
 early_stop=N stops after N evaluations without a new best (HF's EarlyStoppingCallback).
 
 Not done: fp16 autocast (it needs a GradScaler; bf16 does not), several GPUs, and gradient checkpointing
-(switch that on the model: model.gradient_checkpointing = True).
+(switch that on the model: fast.checkpoint_blocks(model), or model.gradient_checkpointing = True).
 """
 
 import contextlib
@@ -59,6 +58,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import fast
 from .data import IGNORE_INDEX, batch_stream, batches
 from .files import read_json, run_lock, write_json
 from .resume import load_checkpoint, recover_checkpoint, save_checkpoint
@@ -100,9 +100,10 @@ class TrainConfig:
     lora_plus_ratio: float | None = None  # LoRA+: lr * ratio for lora_B; None: off
     out_dir: str | None = None  # checkpoint/ and metrics.json; None: nothing is written
     progress: bool | None = None  # the tqdm bar; None: only when stderr is a terminal
-    compile: bool | str = False  # torch.compile each block while training (Transformer.compile_blocks): True, or
-    # a torch.compile mode, "reduce-overhead" adding CUDA graphs (fewer host launches: for small or LoRA-all models)
-    optimizer_in_backward: bool = False  # step each parameter in backward and free its gradient (see above)
+    # the speed levers of fast.py (see above)
+    chunked_loss: bool = True  # the loss in chunks from the hidden states: the (B, T, V) logits never exist
+    compile: bool | str = False  # True, or a torch.compile mode: "reduce-overhead" adds CUDA graphs
+    optimizer_in_backward: bool = False  # step each parameter in backward and free its gradient
     early_stop: int | None = None  # stop after this many evaluations without a new best held-out loss; None: never
     overfit_patience: int = 3  # evaluations of rising held-out loss (while training loss falls) before the warning
 
@@ -129,25 +130,13 @@ class TrainConfig:
         c = self.compile
         check(isinstance(c, bool) or (isinstance(c, str) and c in COMPILE_MODES), "compile", f"one of {COMPILE_MODES}")
         check(isinstance(self.optimizer_in_backward, bool), "optimizer_in_backward", "True or False")
+        check(isinstance(self.chunked_loss, bool), "chunked_loss", "True or False")
         if self.optimizer_in_backward and (self.grad_accum != 1 or self.max_grad_norm is not None):
             raise ValueError(
                 f"TrainConfig.optimizer_in_backward=True needs grad_accum=1 and max_grad_norm=None (each parameter "
                 f"is stepped before the other gradients exist), got grad_accum={self.grad_accum}, "
                 f"max_grad_norm={self.max_grad_norm}"
             )
-
-
-def step_in_backward(optimizer):
-    """Hooks that run optimizer.step() for each parameter as soon as backward has accumulated its gradient, then
-    free the gradient. At that moment it is the only parameter with a gradient (those before it were freed, those
-    after it are not computed yet), and torch's AdamW skips parameters without one: the step updates exactly it,
-    with its own state and its group's lr. Returns the hook handles: .remove() them when training ends."""
-
-    def hook(p):
-        optimizer.step()
-        p.grad = None
-
-    return [p.register_post_accumulate_grad_hook(hook) for g in optimizer.param_groups for p in g["params"]]
 
 
 def lr_multiplier(step, steps, warmup_steps, min_lr_ratio):
@@ -307,11 +296,9 @@ def _train(model, named, device, out_dir, train_data, val_data, cfg, resume, on_
     show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
     bar = tqdm(total=cfg.steps, initial=start, disable=not show, dynamic_ncols=True, desc="train")
     was_training, loss, tokens, seconds, warned, stopped = model.training, None, 0, 0.0, False, None
-    if cfg.compile:
-        model.compile_blocks(**({} if cfg.compile is True else {"mode": cfg.compile}))
+    engine = fast.Engine(model, optimizer, cfg)  # the levers cfg asks for (none of them changes the math)
     model.train()
     optimizer.zero_grad(set_to_none=True)  # a gradient left from before train() must not enter the first step
-    hooks = step_in_backward(optimizer) if cfg.optimizer_in_backward else []
     try:
         for step in range(start + 1, cfg.steps + 1):  # `step` optimizer steps are done once this one is
             t0 = time.perf_counter()
@@ -321,8 +308,7 @@ def _train(model, named, device, out_dir, train_data, val_data, cfg, resume, on_
             for b, n in zip(micro, counts):
                 if n == 0:
                     continue
-                if cfg.compile:  # CUDA graphs (reduce-overhead) may reuse their outputs from here on
-                    torch.compiler.cudagraph_mark_step_begin()
+                engine.before_forward()
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     loss_i = batch_loss(model, b, device)
                 finite_or_stop(f"loss {loss_i.item()}", step, math.isfinite(loss_i.item()))  # before any backward
@@ -330,14 +316,14 @@ def _train(model, named, device, out_dir, train_data, val_data, cfg, resume, on_
                 loss += loss_i.item() * n / n_total
                 mask = b["attention_mask"]
                 tokens += b["input_ids"].numel() if mask is None else int(mask.sum())
-            if hooks:  # (with optimizer_in_backward the step was taken inside backward: check what it wrote)
+            if engine.steps_in_backward:  # (the step was taken inside backward: check what it wrote)
                 grad_norm = None
                 finite_or_stop("weights after the step", step, all_finite(params))
             else:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
                 finite_or_stop(f"gradient norm {float(grad_norm)}", step, math.isfinite(grad_norm))  # before the step
             lr = optimizer.param_groups[0]["lr"]  # the lr this step uses
-            if not hooks:
+            if not engine.steps_in_backward:
                 optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -375,8 +361,7 @@ def _train(model, named, device, out_dir, train_data, val_data, cfg, resume, on_
             if stopped:
                 break
     finally:
-        for h in hooks:
-            h.remove()
+        engine.close()
         bar.close()
         model.train(was_training)
     last = metrics["eval"][-1] if metrics["eval"] else {}

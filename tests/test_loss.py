@@ -3,7 +3,8 @@
 import torch
 from helpers import batch, tiny_model
 
-from minipeft.loss import causal_lm_loss, chunked_causal_lm_loss, default_chunk
+from minipeft.fast import chunked_causal_lm_loss, default_chunk
+from minipeft.loss import causal_lm_loss
 
 
 def test_chunked_loss_equals_plain_loss_and_gradients():
@@ -91,12 +92,13 @@ def test_fused_chunks_equal_eager_chunks_and_compile_at_most_twice():
 
 
 def test_compiled_training_forward_uses_the_fused_chunks(monkeypatch):
-    """Transformer.forward passes fused=True to the chunked loss only in train mode after compile_blocks."""
-    import minipeft.loss as loss_mod
+    """With fast.chunked_loss on, the training forward (labels, return_logits=False) takes the chunked loss, and
+    its chunks run compiled (fused) only in train mode after compile_blocks."""
+    import minipeft.fast as fast
 
     calls = []
-    monkeypatch.setattr(loss_mod, "_compiled_chunk", lambda: calls.append(1) or loss_mod.chunk_loss_and_grad)
-    model = tiny_model(dtype=torch.float32)
+    monkeypatch.setattr(fast, "_compiled_chunk", lambda: calls.append(1) or fast.chunk_loss_and_grad)
+    model = fast.chunked_loss(tiny_model(dtype=torch.float32))
     b = batch()
     model.train()(b["input_ids"], labels=b["labels"], return_logits=False).loss.backward()
     assert calls == []
