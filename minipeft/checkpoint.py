@@ -246,7 +246,8 @@ def nf4_layers(model):
 
 
 def _nf4_placeholder(model, name, quant_state, shapes, source):
-    """Swap the meta Linear `name` for an NF4Linear shaped like the checkpoint's (its loader fills it in)."""
+    """Swap the meta Linear `name` for an empty NF4Linear shaped like the checkpoint's (4-bit sizes only, no dense
+    matrix; its loader fills it in)."""
     from .nf4 import NF4Linear
 
     key = name + NF4_SUFFIX

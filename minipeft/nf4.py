@@ -97,6 +97,21 @@ class NF4Weight:
     def nested(self) -> bool:
         return self.offset is not None
 
+    @classmethod
+    def empty(cls, shape, dtype, blocksize=64, double_quant=True, device=None) -> "NF4Weight":
+        """An all-zero weight of `shape`, with no dense work: every absmax (and the offset) is 0, so code * 0 = 0
+        whatever the codes hold, and the codes are left unwritten (torch.empty: no memory is touched until a state
+        dict is loaded over them). Only the 4-bit sizes are allocated; the placeholder a checkpoint loads into."""
+        _check_blocksize(blocksize)
+        shape = torch.Size(shape)
+        n_blocks = -(-shape.numel() // blocksize)
+        packed = torch.empty((shape.numel() + 1) // 2, dtype=torch.uint8, device=device)  # ((n+1)//2,) as quantize_nf4
+        if not double_quant:
+            return cls(packed, torch.zeros(n_blocks, device=device), shape, dtype, blocksize)
+        absmax, offset = torch.zeros(n_blocks, dtype=torch.uint8, device=device), torch.zeros((), device=device)
+        nested_absmax = torch.zeros(-(-n_blocks // NESTED_BLOCKSIZE), device=device)
+        return cls(packed, absmax, shape, dtype, blocksize, offset, nested_absmax, DYNAMIC_MAP.to(device, copy=True))
+
     def to(self, device) -> "NF4Weight":
         moved = {f: getattr(self, f).to(device) for f in _TENSOR_FIELDS if getattr(self, f) is not None}
         return dataclasses.replace(self, **moved)
@@ -245,16 +260,15 @@ def _recomputed_weight(q: NF4Weight, dtype: torch.dtype) -> Tensor:
 
 
 class NF4Linear(nn.Module):
-    """A frozen nn.Linear with its weight in NF4. Build with from_linear, or construct (an all-zero weight) and
-    load a state dict: bitsandbytes Linear4bit keys, `weight` (packed uint8, as a column) and `weight.*`."""
+    """A frozen nn.Linear with its weight in NF4. Build with from_linear, or construct (an all-zero weight,
+    NF4Weight.empty: 4-bit sizes only, never a dense (out, in) matrix) and load a state dict: bitsandbytes
+    Linear4bit keys, `weight` (packed uint8, as a column) and `weight.*`."""
 
     def __init__(self, in_features, out_features, bias=True, blocksize=64, double_quant=True, dtype=None, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         dtype = dtype or torch.get_default_dtype()
-        self.qweight = quantize_nf4(
-            torch.zeros(out_features, in_features, dtype=dtype, device=device), blocksize, double_quant
-        )
+        self.qweight = NF4Weight.empty((out_features, in_features), dtype, blocksize, double_quant, device)
         b = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         self.register_parameter("bias", b)
 
@@ -267,16 +281,20 @@ class NF4Linear(nn.Module):
         layer = cls(
             linear.in_features, linear.out_features, linear.bias is not None, blocksize, double_quant, w.dtype, w.device
         )
-        layer.qweight = q
+        layer.qweight = q  # in place of the empty one, whose codes were never written
         if linear.bias is not None:
             layer.bias.data.copy_(linear.bias.detach())
         return layer
 
     @property
-    def compute_dtype(self) -> torch.dtype:  # the dtype of the original weight, which dequantize() returns
+    def dtype(self) -> torch.dtype:  # the original weight's (bnb's compute_dtype): what dequantize() returns
         return self.qweight.dtype
 
-    def dequantize(self) -> Tensor:  # (out, in) in compute_dtype
+    @property
+    def device(self) -> torch.device:  # where the 4-bit tensors are, and where forward computes
+        return self.qweight.packed.device
+
+    def dequantize(self) -> Tensor:  # (out, in) in self.dtype
         return dequantize_nf4(self.qweight)
 
     def forward(self, x: Tensor) -> Tensor:  # computes in x's dtype
@@ -293,7 +311,7 @@ class NF4Linear(nn.Module):
         )
 
     def _apply(self, fn, recurse=True):  # .to(device) moves the 4-bit weight; .half() must not round its absmax
-        self.qweight = self.qweight.to(fn(torch.empty(0, device=self.qweight.packed.device)).device)
+        self.qweight = self.qweight.to(fn(torch.empty(0, device=self.device)).device)
         return super()._apply(fn, recurse)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # keys and order as bnb's Linear4bit
@@ -318,7 +336,7 @@ class NF4Linear(nn.Module):
             _expect(prefix + "bias", tuple(bias.shape), tuple(self.bias.shape))
             with torch.no_grad():
                 self.bias.copy_(bias)
-        self.qweight = q.to(self.qweight.packed.device)
+        self.qweight = q.to(self.device)
         unexpected.extend(prefix + k for k in sd)
 
 

@@ -12,7 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
+from minipeft import nf4
 from minipeft.nf4 import (
     BLOCKSIZES,
     DYNAMIC_MAP,
@@ -263,7 +266,7 @@ def test_state_dict_crosses_with_bnb_linear4bit(double_quant, dtype, in_features
     assert not torch.equal(loaded(x), y)
     loaded.load_state_dict(sd_theirs)
     assert torch.equal(loaded(x), y)
-    assert loaded.compute_dtype == dtype and loaded.qweight.nested == double_quant
+    assert loaded.dtype == dtype and loaded.qweight.nested == double_quant
 
     back = bnb_linear_from_state_dict(sd_ours, in_features, out_features)
     assert torch.equal(back(x), ours(x))
@@ -277,6 +280,36 @@ def test_state_dict_json_is_bnb_as_dict_packed():
     assert torch.equal(sd["weight.quant_state.bitsandbytes__nf4"], expected)
     meta = json.loads(bytes(expected.tolist()))
     assert meta["shape"] == [8, 64] and meta["dtype"] == "float32" and meta["nested_blocksize"] == 256
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the most elements of any tensor that an op (factories included) creates inside the block."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        sizes = [t.numel() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        self.largest = max([self.largest, *sizes])
+        return out
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_empty_layer_has_only_4bit_sizes_and_from_linear_quantizes_once(double_quant, monkeypatch):
+    """The placeholder a checkpoint loads into is W = 0 without a dense (out, in) tensor ever made: no op creates
+    more elements than the packed codes hold (quantizing a zero matrix, as before, made out * in). It states its
+    dtype and device without dequantizing. from_linear quantizes once."""
+    with LargestTensor() as mode:
+        layer = NF4Linear(1024, 48, blocksize=64, double_quant=double_quant, dtype=torch.bfloat16)
+    assert mode.largest == 1024 * 48 // 2 and layer.qweight.packed.numel() == 1024 * 48 // 2
+    assert layer.dtype == torch.bfloat16 and layer.device == torch.device("cpu")
+    assert layer.qweight.nested == double_quant
+    assert torch.equal(layer.dequantize(), torch.zeros(48, 1024, dtype=torch.bfloat16))  # absmax 0: any codes give 0
+    assert NF4Linear(7, 5, device="meta").device == torch.device("meta")
+    calls = []
+    monkeypatch.setattr(nf4, "quantize_nf4", lambda *args: calls.append(args) or quantize_nf4(*args))
+    layer = NF4Linear.from_linear(nn.Linear(64, 8).to(torch.float16), double_quant=double_quant)
+    assert len(calls) == 1 and layer.dtype == torch.float16 and layer.qweight.nested == double_quant
 
 
 def test_load_rejects_wrong_shape_and_fp4():

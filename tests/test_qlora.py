@@ -1,11 +1,16 @@
 """QLoRA: LoRA on an NF4 base equals LoRA on the dense model whose weights are dequantize(quantize(W))."""
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import batch, tiny_model
 
+import minipeft
 from minipeft.gradcheck import lora_gradient_identity, max_error
 from minipeft.lora import LoraConfig
 from minipeft.nf4 import NF4Linear, memory_report, quantize_model
@@ -106,6 +111,49 @@ def test_4bit_checkpoint_round_trips_and_loads_in_transformers_bitsandbytes(tmp_
     hf.train()  # bitsandbytes' eval-mode CPU kernel repacks the weight and rounds differently
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+# Run in a fresh process: the peak resident memory (VmHWM) of loading argv[2], after a warm-up load of argv[1] has
+# paged in the code of every op the load runs, and after every tensor of the loaded model has been read (safetensors
+# maps the file: a tensor nobody reads is not resident yet, and the model is not loaded until it is).
+PEAK_OF_LOAD = r"""
+import re, sys
+from minipeft import load_pretrained
+
+def status_bytes(key):  # a line of /proc/self/status, in bytes
+    return int(re.search(key + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+load_pretrained(sys.argv[1])
+open("/proc/self/clear_refs", "w").write("5")  # Linux >= 4.0: the peak (VmHWM) starts again from the current RSS
+before = status_bytes("VmRSS")
+model, _ = load_pretrained(sys.argv[2])
+for t in model.state_dict().values():  # the 4-bit codes and statistics (bnb's keys) and every other tensor
+    t.max()
+print(status_bytes("VmHWM") - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
+def test_loading_a_4bit_checkpoint_peaks_under_twice_its_packed_size(tmp_path):
+    """Loading keeps what it reads: the file's tensors become the model's (load_state_dict(assign=True)), 4-bit
+    codes and statistics as stored, so the loaded model is 1x the file. Before that, each NF4Linear is made empty
+    (NF4Weight.empty): codes from torch.empty (never written, so never resident), absmax zeros (1/8 of a bit a
+    weight); the rest is small (metadata, the 16- and 256-entry tables). So the peak is the file plus small change,
+    under 2x. A placeholder quantized from a dense zero (out, in) matrix, as before, holds the largest layer in bf16
+    (2 bytes a weight, 4x its codes) and, while quantizing it, float32 copies and int64 bucket indices: over 2x the
+    whole file whenever that layer is more than a few percent of the model. Measured on this 16M-weight layer
+    (9.2 MB file): 1.04x now, 16x before (147 MB)."""
+    kw = dict(vocab_size=256, hidden_size=1024, intermediate_size=4096, num_attention_heads=8, num_key_value_heads=8)
+    big = quantize_model(tiny_model(torch.bfloat16, num_hidden_layers=1, **kw))  # 16M weights, 4M in each MLP Linear
+    minipeft.save_pretrained(big, tmp_path / "big")
+    minipeft.save_pretrained(quantize_model(tiny_model(torch.bfloat16)), tmp_path / "warm")
+    packed = (tmp_path / "big" / "model.safetensors").stat().st_size  # nearly all of it 4-bit codes
+    package = str(Path(minipeft.__file__).parent.parent)  # the minipeft under test, not another installed one
+    run = [sys.executable, "-c", PEAK_OF_LOAD, str(tmp_path / "warm"), str(tmp_path / "big")]
+    result = subprocess.run(run, capture_output=True, text=True, cwd=tmp_path, env=os.environ | {"PYTHONPATH": package})
+    assert result.returncode == 0, result.stderr
+    peak = int(result.stdout.split()[-1])
+    assert 0.9 * packed < peak < 2 * packed, (peak, packed)  # the loaded model seen, and little more
 
 
 def test_compiled_qlora_recomputes_the_dense_weights_instead_of_keeping_them():
