@@ -1,6 +1,7 @@
 """How fast can NF4 dequantization go? Formulations of dequantize_nf4 through torch.compile, and one handwritten
 Triton kernel, against a device-to-device copy: GB/s (bytes read + bf16 bytes written) and bit equality with
-the library's dequantize_nf4 (which equals bitsandbytes').
+the library's dequantize_nf4 (which equals bitsandbytes'); bitsandbytes' own kernel and the write-only ceiling
+for reference. bench_finetune.py --extras dequant runs the same into its JSON and markdown.
 
     python benchmarks/dequant_kernels.py                 # on a GPU (Triton kernel too, where triton imports)
     python benchmarks/dequant_kernels.py --quick --device cpu   # smoke run: tiny weight, the compiled variants
@@ -121,10 +122,34 @@ def main(argv=None):
         )
         print(f"{name:22s} {ms:8.3f} ms {gbps:8.0f} GB/s {res[name]['pct_of_copy']:5.1f}% of copy  "
               f"bit-identical {res[name]['bit_identical']}", flush=True)  # fmt: skip
+    ms = ms_per_call(lambda _: dst.fill_(1.0), None, device, reps)  # the ceiling: writing the output, nothing read
+    res["write_only"] = dict(ms=ms, gbps=w.nbytes / ms / 1e6)
+    try:  # bitsandbytes' kernel on the same weight (its own quantization of it: not bit-compared)
+        import bitsandbytes.functional as bnbf
+
+        packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        ms = ms_per_call(lambda _: bnbf.dequantize_4bit(packed, state), None, device, reps)
+        res["bitsandbytes"] = dict(
+            ms=ms, gbps=moved / ms / 1e6, pct_of_copy=100 * moved / ms / 1e6 / res["copy"]["gbps"]
+        )
+    except Exception as e:  # noqa: BLE001
+        res["bitsandbytes"] = f"not run: {type(e).__name__}: {e}"[:300]
+    print(f"write_only {res['write_only']['gbps']:.0f} GB/s; bitsandbytes {res['bitsandbytes']}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
     return res
+
+
+def markdown(res):
+    lines = [f"## dequantize_nf4 ({res['shape'][0]} x {res['shape'][1]}, blocksize 64, double quant)", "",
+             f"GB/s of bytes read + bf16 bytes written; copy {res['copy']['gbps']:.0f} GB/s, writing the output alone "
+             f"{res['write_only']['gbps']:.0f} GB/s.", "", "| kernel | GB/s | % of copy | bit-identical to eager |",
+             "|---|---:|---:|---|"]  # fmt: skip
+    for name, r in res.items():
+        if isinstance(r, dict) and "pct_of_copy" in r:
+            lines.append(f"| {name} | {r['gbps']:.0f} | {r['pct_of_copy']:.1f}% | {r.get('bit_identical', '-')} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

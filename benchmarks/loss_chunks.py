@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from minipeft.loss import chunked_causal_lm_loss
+from minipeft.fast import chunked_causal_lm_loss
 
 
 def main(argv=None):

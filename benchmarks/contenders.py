@@ -1,0 +1,199 @@
+"""The contenders of the fine-tuning benchmark: one builder each, (env, method) -> harness.Trainee (or None for a
+method it does not cover).
+
+    minipeft          minipeft as train() runs it: no speed lever but its default chunked loss
+    minipeft_compile  + fast.compile_blocks(model)                          TrainConfig(compile=True)
+    minipeft_graphs   + fast.compile_blocks(model, mode="reduce-overhead")  CUDA graphs: compile="reduce-overhead"
+    minipeft_oib      + compiled, fast.step_in_backward(optimizer)          + optimizer_in_backward=True
+    minipeft_gc       + compiled, fast.checkpoint_blocks(model)             finetune --compile --grad-checkpoint
+    hf                transformers + peft as shipped (eager); not QLoRA
+    hf_bnb            transformers + peft + bitsandbytes: QLoRA only
+    hf_compile        hf (hf_bnb for QLoRA) with torch.compile of each decoder layer, as compile_blocks does ours
+Adding one is a builder function and its line in CONTENDERS (HF + Liger and Unsloth come next: see the end).
+
+Every contender trains the same random bf16 weights (minipeft's state_dict loaded into LlamaForCausalLM with SDPA
+attention: the keys are identical; QLoRA: both quantize the same bf16 weights, HF by BitsAndBytesConfig(nf4,
+double quant, bf16 compute) at from_pretrained) on the same batch, under bf16 autocast, with AdamW(lr=1e-4, fused
+on CUDA), use_cache=False, no dropout. LoRA r=16, alpha 32, on q,v or all linear layers but lm_head; prefix and
+prompt tuning with 20 virtual tokens, PEFT's table copied from minipeft's (its own random one would change the
+step-1 loss); Houlsby adapters (bottleneck 64, after o_proj and down_proj): PEFT has none, so `hf` wraps HF's
+modules in HoulsbyAdapter below (float32, as minipeft's): that row compares the two base models under one adapter.
+"""
+
+import functools
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from harness import ALPHA, BOTTLENECK, COMMON, DTYPE, SHAPES, P, R, Trainee
+
+import minipeft as mp
+from minipeft import fast  # the speed seam: every lever of the library
+
+
+class Env:
+    """What the builders of one shape share: its config, the device, the batch, a temporary folder."""
+
+    def __init__(self, shape, device, tmp):
+        self.shape, self.device, self.hf_dir = shape, device, os.path.join(tmp, f"base-{shape}")
+        self.cfg = mp.ModelConfig(**SHAPES[shape]["cfg"], **COMMON)
+        B, T, g = SHAPES[shape]["batch"], SHAPES[shape]["seq"], torch.Generator().manual_seed(1)
+        self.ids = torch.randint(0, self.cfg.vocab_size, (B, T), generator=g).to(device)
+
+    def mp_base(self):  # the same random weights on every call (seeded), bf16, on the device
+        torch.manual_seed(0)
+        with torch.device(self.device):
+            return mp.Transformer(self.cfg).to(DTYPE)
+
+    def hf_base(self):  # LlamaForCausalLM with minipeft's weights
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(**SHAPES[self.shape]["cfg"], **COMMON, use_cache=False)
+        with torch.device(self.device):
+            hf = LlamaForCausalLM._from_config(config, dtype=DTYPE, attn_implementation="sdpa")
+        hf.load_state_dict(self.mp_base().state_dict())
+        return hf
+
+    def hf_base_4bit(self):  # the same weights through from_pretrained with bitsandbytes NF4
+        from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+        if not os.path.isdir(self.hf_dir):  # the base as an HF folder, once per shape
+            mp.save_pretrained(self.mp_base(), self.hf_dir)
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=DTYPE)  # fmt: skip
+        device = (self.device.index or 0) if self.device.type == "cuda" else "cpu"
+        return LlamaForCausalLM.from_pretrained(self.hf_dir, quantization_config=bnb, dtype=DTYPE, use_cache=False,
+                                                device_map={"": device}, attn_implementation="sdpa")  # fmt: skip
+
+
+def trainee(env, model, graphs=False, levers=None, **forward_kw):
+    """The step every contender times, around `model`; levers(model, optimizer) applies speed levers first."""
+    params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())  # tied ones once
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=env.device.type == "cuda")
+    if levers:
+        levers(model, optimizer)
+    model.train()
+
+    def step():
+        if graphs:  # CUDA graphs: a new step begins, the graphs may overwrite their earlier outputs
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast(env.device.type, dtype=DTYPE):
+            loss = model(input_ids=env.ids, labels=env.ids, use_cache=False, **forward_kw).loss
+        loss.backward()  # (optimizer in backward: each parameter is stepped here and its gradient freed,
+        optimizer.step()  # so that this finds no gradient and does nothing)
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return Trainee(model, step, params)
+
+
+# ------------------------------------------------------------------------------------------------- minipeft
+def minipeft_model(env, method):
+    """The seeded bf16 base with the method applied (QLoRA: NF4 with double quantization, then LoRA all-linear)."""
+    base = env.mp_base()
+    if method == "full":
+        return base
+    config = {
+        "lora_qv": mp.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=("q_proj", "v_proj")),
+        "lora_all": mp.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear"),
+        "qlora": mp.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear"),
+        "prefix": mp.PrefixTuningConfig(num_virtual_tokens=P),
+        "prompt": mp.PromptTuningConfig(num_virtual_tokens=P),
+        "adapter": mp.AdapterConfig(bottleneck_size=BOTTLENECK, placement="houlsby"),
+    }[method]
+    return mp.get_peft_model(mp.quantize_model(base) if method == "qlora" else base, config)
+
+
+def _apply_levers(model, optimizer, compile=None, checkpoint=False, in_backward=False):
+    """The library's speed levers (minipeft.fast), the one place that calls them; returns the optimizer's hooks.
+    `compile`: torch.compile options ({} for the defaults), None for no compile."""
+    fast.chunked_loss(model)  # train()'s default (TrainConfig.chunked_loss): the loss without (B, T, V) logits
+    if checkpoint:
+        fast.checkpoint_blocks(model)
+    if compile is not None:
+        fast.compile_blocks(model, **compile)
+    return fast.step_in_backward(optimizer) if in_backward else []
+
+
+def minipeft(env, method, compile=None, **levers):
+    """minipeft's model for the method, with `levers` (_apply_levers' arguments) applied."""
+    model = minipeft_model(env, method)
+    apply = functools.partial(_apply_levers, compile=compile, **levers)
+    graphs = (compile or {}).get("mode") == "reduce-overhead"
+    return trainee(env, model, graphs, apply, return_logits=False)  # the loss alone, as train() asks for it
+
+
+# ---------------------------------------------------------------------------------- transformers + peft
+class HoulsbyAdapter(nn.Module):
+    """h + up(relu(down(h))), h = base(x): minipeft.adapter's computation, for HF's modules (up = 0 at init)."""
+
+    def __init__(self, base, bottleneck):
+        super().__init__()
+        self.base, kw = base, dict(device=base.weight.device, dtype=torch.float32)
+        self.down = nn.Linear(base.out_features, bottleneck, **kw)
+        self.up = nn.Linear(bottleneck, base.out_features, **kw)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x):
+        h = self.base(x)
+        return h + self.up(F.relu(self.down(h.float()))).to(h.dtype)
+
+
+def hf_model(env, method, base):
+    """`base`, an HF model, with the method applied by peft (adapter: HoulsbyAdapter)."""
+    import peft
+
+    if method == "adapter":
+        base.requires_grad_(False)
+        for layer in base.model.layers:
+            layer.self_attn.o_proj = HoulsbyAdapter(layer.self_attn.o_proj, BOTTLENECK)
+            layer.mlp.down_proj = HoulsbyAdapter(layer.mlp.down_proj, BOTTLENECK)
+    if method in ("full", "adapter"):
+        return base
+    lora = dict(r=R, lora_alpha=ALPHA, lora_dropout=0.0, task_type="CAUSAL_LM")
+    config = {
+        "lora_qv": peft.LoraConfig(target_modules=["q_proj", "v_proj"], **lora),
+        "lora_all": peft.LoraConfig(target_modules="all-linear", **lora),
+        "qlora": peft.LoraConfig(target_modules="all-linear", **lora),
+        "prefix": peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P),
+        "prompt": peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P),
+    }[method]
+    model = peft.get_peft_model(base, config)
+    if method in ("prefix", "prompt"):  # minipeft's table (the same layout as PEFT's): the same step-1 loss
+        with torch.no_grad():
+            ours = minipeft_model(env, method).prompt_encoder["default"].embedding.weight
+            model.prompt_encoder["default"].embedding.weight.copy_(ours)
+    return model
+
+
+def hf(env, method):
+    if method != "qlora":  # (HF's QLoRA is hf_bnb)
+        return trainee(env, hf_model(env, method, env.hf_base()))
+
+
+def hf_bnb(env, method):
+    if method == "qlora":
+        return trainee(env, hf_model(env, method, env.hf_base_4bit()))
+
+
+def hf_compile(env, method):
+    t = (hf_bnb if method == "qlora" else hf)(env, method)
+    layers = next(m for n, m in t.model.named_modules() if n.endswith("layers") and isinstance(m, nn.ModuleList))
+    for layer in layers:
+        layer.compile()
+    return t
+
+
+MINIPEFT = {  # contender -> its levers
+    "minipeft": {},
+    "minipeft_compile": dict(compile={}),
+    "minipeft_graphs": dict(compile={"mode": "reduce-overhead"}),
+    "minipeft_oib": dict(compile={}, in_backward=True),
+    "minipeft_gc": dict(compile={}, checkpoint=True),
+}
+CONTENDERS = {name: functools.partial(minipeft, **levers) for name, levers in MINIPEFT.items()}
+CONTENDERS.update(hf=hf, hf_bnb=hf_bnb, hf_compile=hf_compile)
+# Next (HF + Liger kernels, Unsloth): a builder above each, `return trainee(env, model)` for a model computing the
+# row's function on env's weights (the parity check holds it to that), and its line here.

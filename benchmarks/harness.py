@@ -1,0 +1,238 @@
+"""The measuring half of the fine-tuning benchmark: one row per (shape, method), every contender in it.
+
+A contender (contenders.py) builds a Trainee for a (shape, method): the model and one training step,
+    step = forward with labels under bf16 autocast -> loss.backward() -> AdamW.step() -> zero_grad(set_to_none)
+measure() runs `warmup` steps, then `steps` timed ones:
+    step time    CUDA events around each step on a GPU (no sync inside the loop), perf_counter on a CPU; median
+    tokens/s     B * T / step time (prompt tuning's virtual tokens are extra work, not tokens)
+    peak GiB     torch.cuda.max_memory_allocated over the steps, the counter reset after the trainee is built:
+                 weights + gradients + optimizer states + activations, not the transient of building/quantizing
+    MFU          model FLOPs of a step (step_flops) / step time / the bf16 matmul rate measured in the same run
+    first step   seconds, synchronized: the compile of the compiled contenders is in it
+Parity: the contenders of a row must train as many parameters and start from the same loss to 3 decimals
+(|a - b| <= LOSS_TOL: rounding both would fail on a boundary), i.e. compute the same function on the same
+weights and batch. A row that breaks this, or where a contender raised, is failed: its numbers stay in the JSON,
+the markdown prints FAILED where the ratios were, and bench_finetune.py exits 1.
+"""
+
+import gc
+import json
+import math
+import statistics
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+SHAPES = {  # name -> model config (random weights, seed 0, tied embeddings), batch, sequence length
+    "smollm2-135m": dict(  # SmolLM2-135M
+        cfg=dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                 num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0),
+        batch=8, seq=512),
+    "llama-1b": dict(  # the Llama-3.2-1B shape
+        cfg=dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                 num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0),
+        batch=4, seq=1024),
+    "tiny": dict(  # --quick
+        cfg=dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0),
+        batch=2, seq=32),
+}  # fmt: skip
+COMMON = dict(tie_word_embeddings=True, max_position_embeddings=2048, rms_norm_eps=1e-5)
+METHODS = ["full", "lora_qv", "lora_all", "qlora", "prefix", "prompt", "adapter"]
+R, ALPHA, P, BOTTLENECK = 16, 32, 20, 64  # LoRA rank and alpha, virtual tokens, adapter bottleneck
+DTYPE = torch.bfloat16
+LOSS_TOL = 1e-3
+REFERENCE = ("hf", "hf_bnb")  # the "x HF" ratios divide by the first present: HF as shipped, bitsandbytes for QLoRA
+
+
+@dataclass
+class Trainee:
+    """What a builder returns: the model, one training step (it returns the loss), the trained parameters."""
+
+    model: torch.nn.Module
+    step: Callable[[], torch.Tensor]
+    params: list
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def now(device):  # a CUDA event recorded on the stream (read after the loop) on a GPU, the host clock on a CPU
+    if device.type != "cuda":
+        return time.perf_counter()
+    e = torch.cuda.Event(enable_timing=True)
+    e.record()
+    return e
+
+
+def ms(a, b):
+    return a.elapsed_time(b) if isinstance(a, torch.cuda.Event) else 1e3 * (b - a)
+
+
+def time_fn(fn, device, warmup, reps):
+    """Median milliseconds of fn(), synchronized around each call, after warm-up."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(1e3 * (time.perf_counter() - t))
+    return statistics.median(times)
+
+
+def matmul_peak(device, quick):  # MFU's denominator: the bf16 rate of an 8192^3 product on this device
+    n = 512 if quick else 8192
+    a, b = (torch.randn(n, n, device=device, dtype=DTYPE) for _ in range(2))
+    t = time_fn(lambda: a @ b, device, 3, 3 if quick else 20)
+    return dict(n=n, ms=t, tflops=2 * n**3 / (t / 1e3) / 1e12)
+
+
+def step_flops(cfg, B, T, method):
+    """Model FLOPs of a step: 2 per weight per token forward, 2 backward for the input gradients, 2 more for
+    trained weights (LoRA and adapter matmuls included); causal attention as half the square (prefix: plus P
+    keys; prompt: T + P positions). Norms, rotary, softmax and the optimizer are not counted."""
+    D, I, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
+    Hd, Kd = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    shapes = {"q_proj": (D, Hd), "k_proj": (D, Kd), "v_proj": (D, Kd), "o_proj": (Hd, D),
+              "gate_proj": (D, I), "up_proj": (D, I), "down_proj": (I, D)}  # fmt: skip
+    n_lin = L * sum(i * o for i, o in shapes.values()) + D * V  # the linears, lm_head included
+    Tq, past = T + P * (method == "prompt"), P * (method == "prefix")
+    attn = L * B * 4 * Hd * (Tq * past + Tq * (Tq + 1) / 2)  # QK^T and PV: 2 * Hd each per (query, key)
+    tokens = B * Tq
+    weights = {"full": 2 * tokens * n_lin, "adapter": 6 * tokens * L * 2 * 2 * D * BOTTLENECK}.get(method, 0.0)
+    if method in ("lora_qv", "lora_all", "qlora"):  # A and B: forward, dx, dW
+        names = ("q_proj", "v_proj") if method == "lora_qv" else tuple(shapes)
+        weights = 6 * tokens * L * sum(R * sum(shapes[n]) for n in names)
+    return (2 * tokens * n_lin + attn) + (2 * tokens * n_lin + 2 * attn) + weights  # forward + dx + dW
+
+
+def profile_step(step, device):
+    """One more step under torch.profiler: the GPU's busy share of the wall time and the top 12 kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        step()
+        sync(device)
+        wall = 1e3 * (time.perf_counter() - t)
+    kernels = sorted(
+        ((e.self_device_time_total / 1e3, e.key[:110], e.count) for e in prof.key_averages()), reverse=True
+    )
+    busy = sum(k[0] for k in kernels)
+    return dict(wall_ms=wall, kernel_ms=busy, gpu_busy=busy / wall, top=kernels[:12])
+
+
+def measure(trainee, device, warmup, steps, profile=False):
+    params = trainee.params
+    out = dict(trainable_params=sum(p.numel() for p in params),
+               trainable_dtypes=sorted({str(p.dtype).removeprefix("torch.") for p in params}))  # fmt: skip
+    free(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        out["static_mem_gib"] = torch.cuda.memory_allocated() / 2**30  # the weights, before step 1
+    losses, marks = [], []
+    for i in range(warmup + steps):
+        t0, start = time.perf_counter(), now(device)
+        losses.append(trainee.step())
+        marks.append((start, now(device)))
+        if i == 0:
+            sync(device)
+            out["first_step_s"] = time.perf_counter() - t0
+    sync(device)
+    out.update(step_ms=statistics.median(ms(a, b) for a, b in marks[warmup:]), loss_first=float(losses[0]),
+               loss_last=float(losses[-1]))  # fmt: skip
+    if device.type == "cuda":
+        out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        try:  # a profiler problem must not lose the row
+            out["profile"] = profile_step(trainee.step, device) if profile else None
+        except Exception as e:  # noqa: BLE001
+            out["profile"] = f"failed: {type(e).__name__}: {e}"[:300]
+    return out
+
+
+def parity(results):
+    """Why the contenders of a row do not compute the same thing ([] when they do)."""
+    why = [f"{n}: {r['error'].splitlines()[0][:200]}" for n, r in results.items() if "error" in r]
+    ok = {n: r for n, r in results.items() if "error" not in r}
+    counts, losses = ({n: r[k] for n, r in ok.items()} for k in ("trainable_params", "loss_first"))
+    if len(set(counts.values())) > 1:
+        why.append(f"trainable parameters differ: {counts}")
+    spread = max(losses.values()) - min(losses.values()) if losses else 0.0
+    if spread > LOSS_TOL or not all(map(math.isfinite, losses.values())):
+        why.append(f"step-1 losses differ by more than {LOSS_TOL}: {losses}")
+    return why
+
+
+def run_row(env, method, contenders, warmup, steps, profile=False):
+    """One (shape, method): each contender built, measured and freed in turn, then the parity check."""
+    B, T = SHAPES[env.shape]["batch"], SHAPES[env.shape]["seq"]
+    row = dict(shape=env.shape, method=method, batch=B, seq=T, flops_per_step=step_flops(env.cfg, B, T, method))
+    row["results"] = results = {}
+    for name, build in contenders.items():
+        torch.compiler.reset()  # fresh caches: past 8 variants of the one Block.forward dynamo silently runs eager
+        free(env.device)
+        try:
+            trainee = build(env, method)  # None: a method this contender does not cover (hf_bnb: QLoRA only)
+            if trainee is not None:
+                results[name] = measure(trainee, env.device, warmup, steps, profile)
+        except Exception as e:  # noqa: BLE001  one failing contender must not stop the others
+            results[name] = dict(error=f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}")
+        trainee = None  # freed before the next one is built
+    for r in results.values():
+        if "step_ms" in r:
+            r.update(tokens_per_s=B * T / r["step_ms"] * 1e3, tflops=row["flops_per_step"] / r["step_ms"] / 1e9)
+    row["failed"] = parity(results)
+    return row
+
+
+def markdown(res):
+    """The run's header and a table per shape: one line per (method, contender), ratios against REFERENCE."""
+    m, peak = res["meta"], res["peak"]["tflops"]
+    lines = [f"# Fine-tuning benchmark: {m['device_name']}, {m['date']}", "", f"Command: `{m['command']}`  ",
+             ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + "  ",
+             f"bf16 matmul peak {peak:.0f} TFLOP/s; {m['warmup']} warm-up + {m['steps']} timed steps per contender, "
+             "medians; x HF: against `hf` (`hf_bnb` for QLoRA) in this run.", ""]  # fmt: skip
+    fmt = lambda x, spec=".2f": "-" if x is None else format(x, spec)  # noqa: E731
+    for shape in res["shapes"]:
+        lines += [f"## {shape} (batch {SHAPES[shape]['batch']} x {SHAPES[shape]['seq']} tokens)", "",
+                  "| method | contender | tok/s | x HF | peak GiB | mem x HF | MFU | trainable | loss step 1 | first step s |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for row in (r for r in res["rows"] if r["shape"] == shape):
+            meth, results = row["method"], row["results"]
+            ref = next((results[n] for n in REFERENCE if "step_ms" in results.get(n, {})), None)
+            for name, r in results.items():
+                if "error" in r:
+                    lines.append(f"| {meth} | {name} | error: `{r['error'].splitlines()[0][:120]}` |")
+                    continue
+                x = {k: "FAILED" if row["failed"] else fmt(ref and r.get(k) and ref.get(k) and r[k] / ref[k])
+                     for k in ("tokens_per_s", "peak_mem_gib")}  # fmt: skip
+                lines.append(f"| {meth} | {name} | {r['tokens_per_s']:,.0f} | {x['tokens_per_s']} | "
+                             f"{fmt(r.get('peak_mem_gib'))} | {x['peak_mem_gib']} | {100 * r['tflops'] / peak:.1f}% | "
+                             f"{r['trainable_params']:,d} | {r['loss_first']:.3f} | {r['first_step_s']:.1f} |")  # fmt: skip
+            if row["failed"]:
+                lines.append(f"| {meth} | **FAILED** | {'; '.join(row['failed'])[:400]} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def write(res, stem, markdown=markdown):
+    """<stem>.json (everything) and <stem>.md."""
+    with open(stem + ".json", "w") as f:
+        json.dump(res, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(res))
