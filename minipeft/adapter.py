@@ -38,10 +38,9 @@ variants add.
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 import torch.nn as nn
 
-from .method import PeftConfig
+from .method import PeftConfig, TunerLayer
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 PLACEMENTS = {  # placement -> the modules (suffixes of qualified names) whose output gets an adapter
@@ -69,28 +68,21 @@ class AdapterConfig(PeftConfig):
 
     def attach(self, model, adapter_name="default", tokenizer=None):
         """Wrap every o_proj / down_proj that the placement names (or add an adapter to an existing wrapper)."""
-        inject_adapters(model, self, adapter_name)
+        AdapterLayer.wrap(model, adapter_targets(model, self.placement), self, adapter_name)
 
 
-class AdapterLayer(nn.Module):
+class AdapterLayer(TunerLayer):
     """a(base_layer(x)) = h + adapter_up(act(adapter_down(h))), h = base_layer(x), for the active adapter."""
 
+    adapter_layer_names = ("adapter_down", "adapter_up", "adapter_act")
+
     def __init__(self, base_layer):
-        super().__init__()
-        self.base_layer = base_layer
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        super().__init__(base_layer)
         self.adapter_down, self.adapter_up = nn.ModuleDict(), nn.ModuleDict()
         self.adapter_act = nn.ModuleDict()
-        self.active_adapter = "default"
-        self.disabled = False  # set by PeftModel.disable_adapter()
 
     def update_layer(self, name, config: AdapterConfig):
-        if name in self.adapter_down:
-            raise ValueError(f"adapter {name!r} already exists on this layer")
-        base = self.base_layer  # nn.Linear, or a 4-bit NF4Linear (dequantized once here for its dtype and device)
-        w = base.dequantize() if hasattr(base, "dequantize") else base.weight
-        # float32 adapters on a bf16/fp16 base, as for LoRA: small AdamW updates vanish in 16 bits
-        kw = dict(device=w.device, dtype=torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype)
+        kw = self.adapter_kwargs()  # float32 adapters on a 16-bit base (method.py)
         D, b = self.out_features, config.bottleneck_size
         self.adapter_down[name] = nn.Linear(D, b, **kw)  # kaiming-uniform(a=sqrt(5)) weight, uniform bias
         self.adapter_up[name] = nn.Linear(b, D, **kw)
@@ -121,14 +113,6 @@ class AdapterLayer(nn.Module):
             "adapter_up.bias": self.adapter_up[name].bias,
         }
 
-    def adapter_list(self):
-        return list(self.adapter_down)
-
-    def delete_adapter(self, name):
-        for d in (self.adapter_down, self.adapter_up, self.adapter_act):
-            if name in d:
-                del d[name]
-
 
 def adapter_targets(model, placement):
     """(qualified name, module) for every module whose output the placement adapts, in model order."""
@@ -139,14 +123,3 @@ def adapter_targets(model, placement):
             f"placement {placement!r} adapts modules named {list(suffixes)}, but {type(model).__name__} has none"
         )
     return hits
-
-
-def inject_adapters(model, config, name="default"):
-    """Wrap each target in an AdapterLayer (or add an adapter to an existing one). Houlsby: 2 per block."""
-    for qualname, module in adapter_targets(model, config.placement):
-        if not isinstance(module, AdapterLayer):
-            parent_name, _, child = qualname.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            module = AdapterLayer(module)
-            setattr(parent, child, module)
-        module.update_layer(name, config)

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .method import PeftConfig, find_targets
+from .method import PeftConfig, TunerLayer, find_targets
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -97,39 +97,29 @@ class LoraConfig(PeftConfig):
             self.target_modules = DEFAULT_TARGETS.get(
                 model.config.extra.get("model_type", "llama"), ("q_proj", "v_proj")
             )
-        inject_lora(model, find_targets(model, self.target_modules), self, adapter_name)
+        LoraLayer.wrap(model, find_targets(model, self.target_modules), self, adapter_name)
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(TunerLayer):
     """base_layer(x) + scaling * lora_B(lora_A(dropout(x))) for the active adapter (plus DoRA's rescaling)."""
 
+    adapter_layer_names = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector", "scaling")
+
     def __init__(self, base_layer):
-        super().__init__()
-        self.base_layer = base_layer
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        super().__init__(base_layer)
         self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA only
         self.scaling = {}
-        self.active_adapter = "default"
         self.merged_adapters = []
         self.dora_norm = {}  # DoRA: ||W + sBA|| at merge time, for an exact unmerge
-        self.disabled = False  # set by PeftModel.disable_adapter()
         self.adapter_names = None  # per-row adapter names for a mixed batch, set by PeftModel.forward
 
     def base_weight(self):  # dense (out, in) weight, also for a 4-bit base
         return self.base_layer.dequantize() if hasattr(self.base_layer, "dequantize") else self.base_layer.weight
 
     def update_layer(self, name, config: LoraConfig):
-        if name in self.lora_A:
-            raise ValueError(f"adapter {name!r} already exists on this layer")
-        w = getattr(self.base_layer, "weight", None)
-        w = w if isinstance(w, torch.Tensor) and w.is_floating_point() else self.base_weight()  # a 4-bit base
-        dtype = w.dtype
-        # Adapters train in float32 even on a bf16/fp16 base (as PEFT's autocast_adapter_dtype does):
-        # AdamW updates of small 16-bit weights lose most of their bits.
-        dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-        kw = dict(bias=False, device=w.device, dtype=dtype)
+        kw = dict(bias=False, **self.adapter_kwargs())  # float32 adapters on a 16-bit base (method.py)
         self.lora_A[name] = nn.Linear(self.in_features, config.r, **kw)  # kaiming-uniform(a=sqrt(5)) by default
         self.lora_B[name] = nn.Linear(config.r, self.out_features, **kw)
         self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
@@ -257,26 +247,6 @@ class LoraLayer(nn.Module):
         if name in self.lora_magnitude_vector:
             state["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
         return state
-
-    def adapter_list(self):
-        return list(self.lora_A)
-
-    def delete_adapter(self, name):
-        for d in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
-            if name in d:
-                del d[name]
-        self.scaling.pop(name, None)
-
-
-def inject_lora(model, targets, config, name="default"):
-    """Wrap each (qualified name, module) in `targets` with a LoraLayer (or add an adapter to an existing one)."""
-    for qualname, module in targets:
-        if not isinstance(module, LoraLayer):
-            parent_name, _, child = qualname.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            module = LoraLayer(module)
-            setattr(parent, child, module)
-        module.update_layer(name, config)
 
 
 def combine_adapters(layer, adapters, weights, name, combination_type, config):

@@ -1,9 +1,14 @@
-"""What every method shares: the config base class, with Hugging Face PEFT's bookkeeping fields and its files.
+"""What every method shares, in one small file: the config base, the layer base, the prompt base.
 
-A method file (lora.py, adapter.py, prefix.py, prompt.py) declares its config as a dataclass deriving from
-PeftConfig, with its own fields and a `peft_type`, and implements `attach(model, adapter_name, tokenizer)`;
-peft.py reaches every method through that one protocol and never names one. Subclasses register themselves by
-their peft_type, which is how a saved adapter_config.json finds its class again.
+- PeftConfig: a method's config is a dataclass deriving from it, with its own fields and a `peft_type`, and
+  implements `attach(model, adapter_name, tokenizer)`; peft.py reaches every method through that one protocol and
+  never names one. Subclasses register themselves by their peft_type, which is how a saved adapter_config.json
+  finds its class again.
+- TunerLayer: what a layer method (LoRA, bottleneck adapters) wraps a module with: `base_layer`, the adapters by
+  name, the active one, `disabled`; a subclass adds `update_layer(name, config)` (create one adapter's weights)
+  and `adapter_state(name)` (PEFT's file keys -> its parameters), and `wrap()` puts it around the targets.
+- PromptLearning: what a prompt method (prefix, prompt tuning) shares: its virtual tokens in front of the real
+  ones (the context check, the attention mask they extend), and the model sizes its config records.
 
     LoraConfig(r=8, task_type="CAUSAL_LM").save_pretrained("dir")    # dir/adapter_config.json, PEFT's fields
     LoraConfig.from_pretrained("dir")                                 # the same config back
@@ -22,6 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
+import torch
 import torch.nn as nn
 
 CONFIG_NAME = "adapter_config.json"
@@ -178,3 +184,117 @@ def check_regex(pattern):
             f"target_modules regex {pattern!r} repeats a group that itself repeats or branches (like (.*)* or "
             "(a|b)+), which can take exponential time to match; write it without nesting, e.g. '.*\\.(q_proj|v_proj)'"
         )
+
+
+def check_shapes(expected, state, source):
+    """Every expected key present with its shape and nothing else; errors name the key and both shapes."""
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(
+            f"adapter at {source} does not fit this model: missing keys {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+        )
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != tuple(shape):
+            raise ValueError(
+                f"adapter at {source}: {k} has shape {tuple(state[k].shape)} in the file but {tuple(shape)} in the "
+                "model (was it made for another base model?)"
+            )
+
+
+def trainable_dtype(dtype):
+    """The dtype an adapter's weights train in: float32 on a bf16/fp16 base (as PEFT's autocast_adapter_dtype),
+    because AdamW's small updates of 16-bit weights lose most of their bits; the base's dtype otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+# ------------------------------------------------------------------------------------ layer methods' base
+
+
+class TunerLayer(nn.Module):
+    """Wraps `base_layer` (nn.Linear, or NF4Linear for QLoRA) and holds adapters by name, as PEFT does."""
+
+    adapter_layer_names: ClassVar[tuple] = ()  # the dicts holding each adapter's parts, keyed by adapter name
+
+    def __init__(self, base_layer):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.active_adapter = "default"
+        self.disabled = False  # set by PeftModel.disable_adapter()
+
+    def base_dtype_device(self):
+        """The base layer's compute dtype and device, read without dequantizing a 4-bit base."""
+        w = getattr(self.base_layer, "weight", None)
+        if isinstance(w, torch.Tensor) and w.is_floating_point():
+            return w.dtype, w.device
+        return self.base_layer.dtype, self.base_layer.device  # NF4Linear states them
+
+    def adapter_kwargs(self):  # device and dtype for a new adapter's weights
+        dtype, device = self.base_dtype_device()
+        return dict(device=device, dtype=trainable_dtype(dtype))
+
+    def adapter_list(self):
+        return list(getattr(self, self.adapter_layer_names[0]))
+
+    def delete_adapter(self, name):
+        for attr in self.adapter_layer_names:
+            if name in getattr(self, attr):
+                del getattr(self, attr)[name]
+
+    @classmethod
+    def wrap(cls, model, targets, config, name="default"):
+        """Wrap each (qualified name, module) of `targets` in cls (or add adapter `name` to an existing wrapper)."""
+        for qualname, module in targets:
+            if not isinstance(module, cls):
+                parent_name, _, child = qualname.rpartition(".")
+                module = cls(module)
+                setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+            if name in module.adapter_list():
+                raise ValueError(f"adapter {name!r} already exists on {qualname}")
+            module.update_layer(name, config)
+
+
+# ------------------------------------------------------------------------------------ prompt methods' base
+
+
+def fill_from_model(config, actual, context):
+    """Set the model sizes a prompt config records for PEFT (token_dim, num_layers, ...), refusing ones that were
+    set already to other values: such an adapter was made for another base model."""
+    for name, value in actual.items():
+        if getattr(config, name) is not None and getattr(config, name) != value:
+            raise ValueError(
+                f"{type(config).__name__}.{name}={getattr(config, name)} does not fit this model, which has "
+                f"{name}={value} (was the adapter made for another base model?)"
+            )
+        setattr(config, name, value)
+    if config.num_virtual_tokens >= context:
+        raise ValueError(
+            f"num_virtual_tokens={config.num_virtual_tokens} leaves no room for a real token in the context of "
+            f"max_position_embeddings={context}"
+        )
+
+
+class PromptLearning(nn.Module):
+    """P virtual tokens ahead of the real ones: they take positions 0 .. P-1, the real tokens P, P+1, ..."""
+
+    kind: ClassVar[str] = ""  # what the virtual tokens are called in errors ("prefix", "prompt")
+
+    def __init__(self, num_virtual_tokens):
+        super().__init__()
+        self.num_virtual_tokens = num_virtual_tokens
+
+    def prologue(self, model, x, attention_mask, position_ids, past_key_values):
+        """-> (B, T, P, attention_mask with P ones in front, position_ids + P). The context must hold the virtual
+        tokens too."""
+        B, T, P = x.shape[0], x.shape[1], self.num_virtual_tokens
+        past = past_key_values[0][0].size(2) if past_key_values else P  # the cache length, virtual tokens included
+        max_len = model.config.max_position_embeddings
+        if past + T > max_len:
+            raise ValueError(
+                f"{T} tokens (+ {past - P} cached) + {P} virtual tokens of the {self.kind} exceed the context "
+                f"max_position_embeddings={max_len}"
+            )
+        if attention_mask is not None:  # the P virtual tokens are always visible
+            attention_mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)
+        return B, T, P, attention_mask, None if position_ids is None else position_ids + P

@@ -212,8 +212,7 @@ def _pair_table(device) -> Tensor:
 
 def _dequantize(q: NF4Weight, dtype: torch.dtype) -> Tensor:
     n = q.shape.numel()
-    # index_select with int32 indices, not table[q.packed.long()]: the same values, 2x faster on a 2-core CPU
-    # (2048 x 2048: 7.5 -> 3.8 ms, `python benchmarks/dequant_kernels.py --device cpu --shape 2048,2048`)
+    # each byte -> its two code values (high nibble first); int32 indices for index_select (int64 ones are slower)
     values = _pair_table(q.packed.device).index_select(0, q.packed.int()).reshape(-1)[:n]  # (n,) float32 codes
     absmax = _block_absmax(q)  # (n_blocks,)
     if n % q.blocksize == 0:  # whole blocks: a view, no padding copy
@@ -244,19 +243,6 @@ class NF4LinearFunction(torch.autograd.Function):
         grad_x = grad_out @ _dequantize(q, grad_out.dtype)  # dL/dx = dL/dy W: (..., out) @ (out, in)
         grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
         return grad_x, grad_bias, None
-
-
-def _recomputed_weight(q: NF4Weight, dtype: torch.dtype) -> Tensor:
-    """The dense W for torch.compile, from a checkpointed region that holds only the dequantization. Traced as
-    NF4LinearFunction is, the compiler merges the backward's dequantization with the forward's and keeps the dense
-    W for backward: a 16-bit model's memory. Ops in a checkpointed region are recomputed in backward rather than
-    kept, so W is rebuilt from the 4-bit tensors there; the matmul stays outside, saved and differentiated as any
-    linear's (nothing of it kept or redone beyond what a 16-bit linear does)."""
-
-    def dequantize(*tensors):
-        return _dequantize(dataclasses.replace(q, **dict(zip(_TENSOR_FIELDS, tensors))), dtype)
-
-    return torch.utils.checkpoint.checkpoint(dequantize, *(getattr(q, f) for f in _TENSOR_FIELDS), use_reentrant=False)
 
 
 class NF4Linear(nn.Module):
@@ -299,8 +285,6 @@ class NF4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # computes in x's dtype
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if torch.compiler.is_compiling():  # inside compile_blocks: see _recomputed_weight
-            return F.linear(x, _recomputed_weight(self.qweight, x.dtype), bias)
         return NF4LinearFunction.apply(x, bias, self.qweight)
 
     def extra_repr(self) -> str:

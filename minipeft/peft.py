@@ -37,7 +37,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from . import fast
 from .decoding import generate
 from .files import existing_dir, read_json, replace_dir
-from .method import CONFIG_NAME, CONFIGS, find_targets, unmatched_targets  # noqa: F401 (re-exported)
+from .method import CONFIG_NAME, CONFIGS, check_shapes, find_targets, unmatched_targets  # noqa: F401 (re-exported)
 from .model import ModelOutput
 
 # metadata, and settings that only matter when a feature we do not have is switched on elsewhere in the file
@@ -92,22 +92,6 @@ def read_safetensors(path):
         if not torch.isfinite(t).all():
             raise ValueError(f"{path}: {k} holds {int((~torch.isfinite(t)).sum())} NaN or infinite values")
     return state
-
-
-def check_shapes(expected, state, source):
-    """Every expected key present with its shape and nothing else; errors name the key and both shapes."""
-    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(
-            f"adapter at {source} does not fit this model: missing keys {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
-        )
-    for k, shape in expected.items():
-        if tuple(state[k].shape) != tuple(shape):
-            raise ValueError(
-                f"adapter at {source}: {k} has shape {tuple(state[k].shape)} in the file but {tuple(shape)} in the "
-                "model (was it made for another base model?)"
-            )
 
 
 class PeftModel(nn.Module):

@@ -44,7 +44,7 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from .method import PeftConfig
+from .method import PeftConfig, PromptLearning, check_shapes, fill_from_model, trainable_dtype
 
 RAW_NAME = "adapter_raw.safetensors"  # minipeft's second file (peft.py writes and reads it)
 
@@ -86,36 +86,22 @@ class PrefixTuningConfig(PeftConfig):
         """Fill token_dim, num_attention_heads, num_layers from the model (checking them when already set) and
         return the PrefixEncoder that PeftModel keeps in prompt_encoder[name]."""
         cfg = model.config
-        actual = dict(
-            token_dim=cfg.num_key_value_heads * cfg.head_dim,
-            num_attention_heads=cfg.num_key_value_heads,
-            num_layers=cfg.num_hidden_layers,
-        )
-        for name, value in actual.items():
-            if getattr(self, name) is not None and getattr(self, name) != value:
-                raise ValueError(
-                    f"PrefixTuningConfig.{name}={getattr(self, name)} does not fit this model, which has {name}={value} "
-                    "(was the adapter made for another base model?)"
-                )
-            setattr(self, name, value)
+        actual = dict(token_dim=cfg.num_key_value_heads * cfg.head_dim, num_attention_heads=cfg.num_key_value_heads,
+                      num_layers=cfg.num_hidden_layers)  # fmt: skip
+        fill_from_model(self, actual, cfg.max_position_embeddings)
         if self.encoder_hidden_size is None:
             self.encoder_hidden_size = self.token_dim
-        if self.num_virtual_tokens >= cfg.max_position_embeddings:
-            raise ValueError(
-                f"num_virtual_tokens={self.num_virtual_tokens} leaves no room for a real token in the context of "
-                f"max_position_embeddings={cfg.max_position_embeddings}"
-            )
-        # trained in float32 even on a bf16/fp16 model (small AdamW updates vanish in 16 bits); cast when used
-        dtype = torch.float32 if model.dtype in (torch.float16, torch.bfloat16) else model.dtype
-        return PrefixEncoder(self, device=model.device, dtype=dtype)
+        return PrefixEncoder(self, model.device, trainable_dtype(model.dtype))  # float32 on a 16-bit model
 
 
-class PrefixEncoder(nn.Module):
+class PrefixEncoder(PromptLearning):
     """Holds the prefix (a table, or embedding + MLP) and runs the model with it as the first P cache positions."""
 
+    kind = "prefix"
+
     def __init__(self, config: PrefixTuningConfig, device=None, dtype=None):
-        super().__init__()
-        self.num_virtual_tokens, self.num_layers = config.num_virtual_tokens, config.num_layers
+        super().__init__(config.num_virtual_tokens)
+        self.num_layers = config.num_layers
         self.num_kv_heads, self.head_dim = config.num_attention_heads, config.token_dim // config.num_attention_heads
         self.token_dim, self.encoder_hidden_size = config.token_dim, config.encoder_hidden_size
         self.loaded_table = None  # the table of the last load_peft_state, to check a raw file against
@@ -161,21 +147,9 @@ class PrefixEncoder(nn.Module):
         return_logits=True,
     ):
         x = input_ids if input_ids is not None else inputs_embeds
-        B, T = x.shape[:2]
-        P = self.num_virtual_tokens
-        past = past_key_values[0][0].size(2) if past_key_values else P  # the cache length, prefix included
-        max_len = model.config.max_position_embeddings
-        if past + T > max_len:
-            raise ValueError(
-                f"{T} tokens (+ {past - P} cached) + {P} virtual tokens of the prefix exceed the context "
-                f"max_position_embeddings={max_len}"
-            )
-        if not past_key_values:  # the first call: the prefix is the cache
+        B, T, P, attention_mask, position_ids = self.prologue(model, x, attention_mask, position_ids, past_key_values)
+        if not past_key_values:  # the first call: the prefix is the cache (real tokens at positions P, P+1, ...)
             past_key_values = self.past_key_values(B, model.dtype)
-        if attention_mask is not None:  # the P prefix positions are always visible
-            attention_mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)
-        if position_ids is not None:  # real tokens sit at positions P, P+1, ...
-            position_ids = position_ids + P
         return model(
             input_ids,
             inputs_embeds=inputs_embeds,
@@ -198,7 +172,7 @@ class PrefixEncoder(nn.Module):
 
     def load_peft_state(self, state, source="adapter"):
         shape = (self.num_virtual_tokens, self.num_layers * 2 * self.token_dim)
-        check_state(state, {"prompt_embeddings": shape}, source)
+        check_shapes({"prompt_embeddings": shape}, state, source)
         table = state["prompt_embeddings"]
         self.loaded_table = table
         if self.prefix_projection:  # the file has only the projected table: keep it as a fixed table
@@ -236,7 +210,7 @@ class PrefixEncoder(nn.Module):
             }
         else:
             shapes = {"embedding.weight": (P, L2td)}
-        check_state(state, shapes, source)
+        check_shapes(shapes, state, source)
         with torch.no_grad():
             for k, p in self.named_parameters():
                 p.copy_(state[k].to(p.dtype))
@@ -249,16 +223,3 @@ class PrefixEncoder(nn.Module):
                         f"{source}: the raw parameters give a prefix that differs from prompt_embeddings by {err:.2g} "
                         "(relative): the two files do not belong together"
                     )
-
-
-def check_state(state, shapes, source):
-    """Every expected key present with its shape, nothing else; errors name the key and both shapes."""
-    missing, unexpected = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))
-    if missing or unexpected:
-        raise ValueError(f"adapter at {source} does not fit: missing keys {missing}, unexpected keys {unexpected}")
-    for k, shape in shapes.items():
-        if tuple(state[k].shape) != tuple(shape):
-            raise ValueError(
-                f"adapter at {source}: {k} has shape {tuple(state[k].shape)} in the file but {tuple(shape)} in the "
-                "model (was it made for another base model?)"
-            )

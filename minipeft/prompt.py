@@ -38,7 +38,7 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from .method import PeftConfig
+from .method import PeftConfig, PromptLearning, check_shapes, fill_from_model, trainable_dtype
 
 INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
 
@@ -88,21 +88,9 @@ class PromptTuningConfig(PeftConfig):
     def build(self, model, tokenizer=None):
         """Check the init against the model and tokenizer, fill token_dim etc., and return the PromptEncoder."""
         cfg = model.config
-        actual = dict(
-            token_dim=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads, num_layers=cfg.num_hidden_layers
-        )
-        for name, value in actual.items():
-            if getattr(self, name) is not None and getattr(self, name) != value:
-                raise ValueError(
-                    f"PromptTuningConfig.{name}={getattr(self, name)} does not fit this model, which has "
-                    f"{name}={value} (was the adapter made for another base model?)"
-                )
-            setattr(self, name, value)
-        if self.num_virtual_tokens >= cfg.max_position_embeddings:
-            raise ValueError(
-                f"num_virtual_tokens={self.num_virtual_tokens} leaves no room for a real token in the context of "
-                f"max_position_embeddings={cfg.max_position_embeddings}"
-            )
+        actual = dict(token_dim=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
+                      num_layers=cfg.num_hidden_layers)  # fmt: skip
+        fill_from_model(self, actual, cfg.max_position_embeddings)
         init_ids = None
         if self.prompt_tuning_init == "TEXT" and not self.inference_mode:
             if tokenizer is None or not hasattr(tokenizer, "encode"):
@@ -121,9 +109,8 @@ class PromptTuningConfig(PeftConfig):
             init_ids = (ids * math.ceil(P / len(ids)))[:P]  # repeat, then truncate to P (as PEFT)
         elif self.prompt_tuning_init == "SAMPLE_VOCAB" and not self.inference_mode:
             init_ids = torch.randint(0, cfg.vocab_size, (self.num_virtual_tokens,)).tolist()
-        # trained in float32 even on a bf16/fp16 model (small AdamW updates vanish in 16 bits); cast when used
-        dtype = torch.float32 if model.dtype in (torch.float16, torch.bfloat16) else model.dtype
-        encoder = PromptEncoder(self.num_virtual_tokens, cfg.hidden_size, device=model.device, dtype=dtype)
+        # float32 on a 16-bit model (method.trainable_dtype); cast when used
+        encoder = PromptEncoder(self.num_virtual_tokens, cfg.hidden_size, model.device, trainable_dtype(model.dtype))
         if init_ids is not None:
             with torch.no_grad():
                 embed = model.model.embed_tokens.weight
@@ -131,12 +118,13 @@ class PromptTuningConfig(PeftConfig):
         return encoder
 
 
-class PromptEncoder(nn.Module):
+class PromptEncoder(PromptLearning):
     """Holds the soft prompt and runs the model with it prepended to the input embeddings."""
 
+    kind = "prompt"
+
     def __init__(self, num_virtual_tokens, hidden_size, device=None, dtype=None):
-        super().__init__()
-        self.num_virtual_tokens = num_virtual_tokens
+        super().__init__(num_virtual_tokens)
         self.embedding = nn.Embedding(num_virtual_tokens, hidden_size, device=device, dtype=dtype)  # (P, D)
 
     def forward_model(
@@ -153,20 +141,8 @@ class PromptEncoder(nn.Module):
         return_logits=True,
     ):
         x = input_ids if input_ids is not None else inputs_embeds
-        B, T = x.shape[:2]
-        P = self.num_virtual_tokens
-        past = past_key_values[0][0].size(2) if past_key_values else P  # the cache length, prompt included
-        max_len = model.config.max_position_embeddings
-        if past + T > max_len:
-            raise ValueError(
-                f"{T} tokens (+ {past - P} cached) + {P} virtual tokens of the prompt exceed the context "
-                f"max_position_embeddings={max_len}"
-            )
-        if attention_mask is not None:  # the P virtual tokens are always visible
-            attention_mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)
+        B, T, P, attention_mask, position_ids = self.prologue(model, x, attention_mask, position_ids, past_key_values)
         if past_key_values:  # a later generate step: the prompt is already in the cache
-            if position_ids is not None:
-                position_ids = position_ids + P
             return model(
                 input_ids,
                 inputs_embeds=inputs_embeds,
@@ -183,9 +159,9 @@ class PromptEncoder(nn.Module):
         inputs_embeds = torch.cat([prompt, inputs_embeds], dim=1)  # (B, P + T, D)
         if labels is not None:  # nothing to predict at the virtual positions but the first real token
             labels = torch.cat([labels.new_full((B, P), -100), labels], dim=1)
-        if position_ids is not None:  # virtual tokens at 0 .. P-1, real ones after
+        if position_ids is not None:  # virtual tokens at 0 .. P-1, real ones after (already shifted by P)
             virtual = torch.arange(P, device=position_ids.device).expand(B, P)
-            position_ids = torch.cat([virtual, position_ids + P], dim=1)
+            position_ids = torch.cat([virtual, position_ids], dim=1)
         out = model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -221,16 +197,7 @@ class PromptEncoder(nn.Module):
 
     @staticmethod
     def load_checked(state, params, source):
-        """Copy state into params; every key present with its shape, nothing else (errors name key and shapes)."""
-        missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-        if missing or unexpected:
-            raise ValueError(f"adapter at {source} does not fit: missing keys {missing}, unexpected keys {unexpected}")
-        for k, p in params.items():
-            if tuple(state[k].shape) != tuple(p.shape):
-                raise ValueError(
-                    f"adapter at {source}: {k} has shape {tuple(state[k].shape)} in the file but {tuple(p.shape)} in "
-                    "the model (was it made for another base model?)"
-                )
+        check_shapes({k: p.shape for k, p in params.items()}, state, source)
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(state[k].to(p.dtype))

@@ -1,0 +1,95 @@
+"""fast.py against the reference path: every lever trains every method to the same losses, gradients and weights,
+and reset() gives the plain model back. In float64: AdamW divides each update by the gradient's own size, so a
+rounding difference of float32 (a reordered sum, 1e-7) in a near-zero gradient moves a weight by up to lr; in
+float64 what is left is 1e-15, and a real difference (a wrong lever) still shows at once."""
+
+import pytest
+import torch
+from helpers import tiny_config
+
+import minipeft.fast as fast
+from minipeft import AdapterConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from minipeft.model import Transformer
+from minipeft.nf4 import quantize_model
+from minipeft.train import TrainConfig, train
+
+METHODS = {
+    "lora": lambda: LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+    "dora": lambda: LoraConfig(r=4, use_dora=True, init_lora_weights=False),
+    "qlora": lambda: LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+    "adapter": lambda: AdapterConfig(bottleneck_size=8, init_weights=False),
+    "prefix": lambda: PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True),
+    "prompt": lambda: PromptTuningConfig(num_virtual_tokens=3),
+    "full": lambda: None,
+}
+
+
+@pytest.fixture(scope="module")
+def data():
+    from minipeft.data import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    blocks = list(torch.randint(0, 97, (24, 16), generator=g))
+    return Dataset(blocks, blocks), Dataset(blocks[:4], blocks[:4])
+
+
+def build(method):
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(vocab_size=97, max_position_embeddings=32, tie_word_embeddings=False)).double()
+    if method == "qlora":
+        model = quantize_model(model, blocksize=64)
+    config = METHODS[method]()
+    return model if config is None else get_peft_model(model, config)
+
+
+def run(method, data, **levers):
+    model = build(method)
+    if levers.pop("checkpoint", False):
+        fast.checkpoint_blocks(model)
+    if backend := levers.pop("backend", None):
+        fast.compile_blocks(model, backend=backend)
+    cfg = TrainConfig(steps=3, lr=1e-2, batch_size=4, log_every=1, progress=False, **levers)
+    m = train(model, *data, cfg)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return [e["loss"] for e in m["train"]], [e["grad_norm"] for e in m["train"]], weights, model
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_lever_trains_every_method_like_the_reference(data, method):
+    """The reference: chunked_loss=False, nothing compiled or checkpointed. Against it, the levers together (the
+    chunked loss, checkpointed blocks, compiled blocks with aot_eager: dynamo and AOT autograd without code
+    generation, quick on a CPU), and the optimizer stepped in backward (no clipping there, nor in its reference)."""
+    torch._dynamo.reset()
+    ref = run(method, data, chunked_loss=False)
+    losses, norms, weights, model = run(method, data, checkpoint=True, backend="aot_eager")
+    base = getattr(model, "base_model", model)
+    assert fast.blocks(model)[0]._fast["compiled"] is not None and base.hidden_loss.func is fast._chunked_hidden_loss
+    assert losses == pytest.approx(ref[0], rel=1e-12)
+    assert norms == pytest.approx(ref[1], rel=1e-10)
+    for n, w in ref[2].items():
+        assert torch.allclose(weights[n], w, rtol=1e-9, atol=1e-12), (n, (weights[n] - w).abs().max())
+    plain = run(method, data, chunked_loss=False, max_grad_norm=None)
+    in_backward = run(method, data, optimizer_in_backward=True, max_grad_norm=None)
+    assert in_backward[0] == pytest.approx(plain[0], rel=1e-12)
+    for n, w in plain[2].items():
+        assert torch.allclose(in_backward[2][n], w, rtol=1e-9, atol=1e-12), (n, (in_backward[2][n] - w).abs().max())
+
+
+def test_reset_takes_every_lever_off(data):
+    model = build("lora")
+    fast.checkpoint_blocks(fast.compile_blocks(fast.chunked_loss(model), backend="eager"))
+    assert model.base_model.gradient_checkpointing
+    fast.reset(model)
+    assert not model.base_model.gradient_checkpointing
+    assert not any(k in m.__dict__ for m in model.modules() for k in ("forward", "_fast", "hidden_loss"))
+    keys = set(build("lora").state_dict())
+    assert set(model.state_dict()) == keys  # the levers never touched the state_dict's keys
+
+
+def test_the_reference_loss_with_no_logits_asked_equals_the_logits_path():
+    model = build("full")
+    ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(1))
+    plain = model(ids, labels=ids).loss
+    assert model(ids, labels=ids, return_logits=False).logits is None
+    torch.testing.assert_close(model(ids, labels=ids, return_logits=False).loss, plain, rtol=0, atol=0)
+    torch.testing.assert_close(fast.chunked_loss(model)(ids, labels=ids, return_logits=False).loss, plain)
