@@ -242,7 +242,9 @@ def _check_weights(model, shapes, source):
 
 
 def nf4_layers(model):
-    return {n: m for n, m in model.named_modules() if type(m).__name__ == "NF4Linear"}
+    from .nf4 import NF4Linear
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, NF4Linear)}
 
 
 def _nf4_placeholder(model, name, quant_state, shapes, source):

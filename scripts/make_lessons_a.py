@@ -592,12 +592,12 @@ L01 = [
     ### One speed switch: compiled blocks
 
     `TrainConfig(compile=True)` (`minipeft finetune --compile`) runs each block through `torch.compile` while
-    training ([`Transformer.compile_blocks`](../minipeft/model.py)): PyTorch traces the block once, and its
+    training ([`fast.compile_blocks`](../minipeft/fast.py), the speed seam): PyTorch traces the block once, and its
     compiler fuses the small operations (RMSNorm, rotary embeddings, SwiGLU, an adapter's additions) into a few
     generated kernels and keeps fewer activations for backward. The math does not change, so the losses must
-    match the plain loop's up to float rounding (bf16 on a GPU). The first step pays for the compilation; on an
-    H200 (`benchmarks/README.md`) compiled steps ran 1.2-2.4x faster than plain ones, with 11-19% less memory
-    in most rows. On a small CPU there is little to win: this cell checks the math, not the speed.
+    match the plain loop's up to float rounding (bf16 on a GPU). The first step pays for the compilation; what it
+    buys on a GPU is measured in `benchmarks/README.md`. On a small CPU there is little to win: this cell checks
+    the math, not the speed.
     """),
     code("""
     start, _ = load_pretrained("tiny-shakespeare", device=device)
@@ -802,7 +802,7 @@ L01 = [
     one parameter at a time, so each parameter can take its AdamW step the moment its gradient is complete, and
     the gradient can be freed at once: the model's gradients then never exist together.
     `TrainConfig(optimizer_in_backward=True)` (`minipeft finetune --optimizer-in-backward`) does this with one
-    hook per parameter, `step_in_backward` in [`minipeft/train.py`](../minipeft/train.py). The price: no clipping
+    hook per parameter, `step_in_backward` in [`minipeft/fast.py`](../minipeft/fast.py). The price: no clipping
     by the norm of all gradients, and no accumulation, since both need every gradient at once. Below, one step
     each way from the same weights: the same result, and the most gradient bytes alive at any moment of
     backward.
@@ -810,7 +810,7 @@ L01 = [
     code("""
     import copy
 
-    from minipeft.train import step_in_backward
+    from minipeft.fast import step_in_backward
 
     def one_step(in_backward):
         m = copy.deepcopy(model)

@@ -515,7 +515,7 @@ with tempfile.TemporaryDirectory() as d:
   finite differences.
 * **Latency**: adapters add few FLOPs but sequential operations that cannot be merged away; the cost shows
   where the operations are small (decoding), and merged LoRA has none.
-* It lives in **`minipeft/adapter.py`** (`AdapterConfig`, `AdapterLayer`, `inject_adapters`); `peft.py` does
+* It lives in **`minipeft/adapter.py`** (`AdapterConfig`, `AdapterLayer`, `adapter_targets`); `peft.py` does
   the freezing, counting, saving and loading.
 
 ## Exercises

@@ -1,5 +1,10 @@
 """Small builders shared by the tests: tiny models, matching HF models, batches."""
 
+import contextlib
+import subprocess
+import sys
+import textwrap
+
 import torch
 
 from minipeft.model import ModelConfig, Transformer
@@ -47,3 +52,23 @@ def batch(vocab=97, B=2, T=12, seed=1, pad_left=0):
         mask[0, :pad_left] = 0
         labels[0, :pad_left] = -100
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(folder):
+    """Another process holds minipeft's run lock on `folder` while the block runs; yields that process's pid."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys
+            from minipeft.files import run_lock
+            with run_lock({str(folder)!r}):
+                print("locked", flush=True)
+                sys.stdin.read()
+            """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder.pid
+    finally:
+        holder.communicate("")

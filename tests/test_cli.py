@@ -229,28 +229,12 @@ def test_a_finished_run_is_not_replaced_without_a_flag(tmp_path):
 
 
 def test_a_second_run_on_the_same_out_stops_at_once(tmp_path):
-    import subprocess
-    import sys
-    import textwrap
+    from helpers import lock_held_elsewhere
 
-    out = tmp_path / "run"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
-            import sys
-            from minipeft.files import run_lock
-            with run_lock({str(out)!r}):
-                print("locked", flush=True)
-                sys.stdin.read()
-            """)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_elsewhere(tmp_path / "run"):
         with pytest.raises(SystemExit, match=r"error: .*run is in use by another run"):
             finetune(tmp_path)
-    finally:
-        holder.communicate("")
-    assert not (out / "adapter").exists()
+    assert not (tmp_path / "run" / "adapter").exists()
 
 
 def test_nan_weights_are_never_saved_and_the_last_good_checkpoint_stays(tmp_path, monkeypatch):
@@ -297,7 +281,8 @@ def test_the_best_adapter_is_kept_and_the_last_beside_it(tmp_path, monkeypatch, 
 
     def evaluate_and_remember(model, *a, **k):
         result = real(model, *a, **k)
-        snapshots[len(snapshots)] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        if isinstance(model, PeftModel):  # train()'s evaluations (not the CLI's one of the base model before)
+            snapshots[len(snapshots)] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         return result
 
     monkeypatch.setattr(train_module, "evaluate", evaluate_and_remember)

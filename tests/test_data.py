@@ -379,10 +379,11 @@ def test_empty_responses_warn_and_all_empty_is_refused(tmp_path):
 # ---------------------------------------------------------------------------------- memory on one long line
 
 MEMORY_CHECK = """
-import importlib.util, resource, sys
-spec = importlib.util.spec_from_file_location("tokenizer", sys.argv[1])  # the module alone: no torch to import
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
+import importlib, os, resource, sys, types
+package = types.ModuleType("minipeft")  # the package without its __init__: tokenizer.py and files.py, no torch
+package.__path__ = [os.path.dirname(sys.argv[1])]
+sys.modules["minipeft"] = package
+module = importlib.import_module("minipeft.tokenizer")
 tok = module.Tokenizer.from_file(sys.argv[2])
 text = open(sys.argv[3], encoding="utf-8").read()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the peak so far, in KiB on Linux

@@ -1,13 +1,10 @@
 """files.py: saves that a crash cannot half-do, that never delete a user's file, and the run lock."""
 
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from helpers import batch, tiny_model
+from helpers import batch, lock_held_elsewhere, tiny_model
 from safetensors.torch import load_file
 
 import minipeft.files as files
@@ -94,23 +91,10 @@ def test_checkpoints_do_not_carry_old_files_over(tmp_path):
 
 
 def test_run_lock_stops_a_second_process_and_is_reentrant_in_one(tmp_path):
-    holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
-            import sys, time
-            from minipeft.files import run_lock
-            with run_lock({str(tmp_path)!r}):
-                print("locked", flush=True)
-                sys.stdin.read()
-            """)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(FileExistsError, match=rf"{tmp_path} is in use by another run \(pid {holder.pid}\)"):
+    with lock_held_elsewhere(tmp_path) as pid:
+        with pytest.raises(FileExistsError, match=rf"{tmp_path} is in use by another run \(pid {pid}\)"):
             with run_lock(tmp_path):
                 pass
-    finally:
-        holder.communicate("")
     with run_lock(tmp_path), run_lock(tmp_path):  # free again (the holder exited); nesting in one process is fine
         pass
 
