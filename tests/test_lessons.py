@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 LESSONS = REPO / "lessons"
 NOTEBOOKS = sorted(LESSONS.glob("[0-9][0-9]_*.ipynb"))
 NAME = re.compile(r"(\d\d)_[a-z0-9_]+\.ipynb")
-EXERCISE = re.compile(r"=\s*None\s*#\s*your code")  # the learner's cell: answer = None  # your code
+EXERCISE = re.compile(r"raise NotImplementedError")  # the learner's cell: a function to write, a stub until then
 
 
 def read(path):
@@ -42,6 +42,21 @@ def test_readme_lists_every_lesson_and_only_existing_ones():
     assert 'pip install -e ".[lessons]"' in readme and "jupyter lab lessons/" in readme
 
 
+def test_every_notebook_is_a_fresh_build_of_its_source(monkeypatch):
+    """lessons/NN_topic.py is the source of truth (jupytext's percent format); the committed notebook holds exactly
+    its cells, in order (scripts/build_lessons.py --check)."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    import build_lessons
+
+    sources = build_lessons.sources()
+    assert [p.stem for p in sources] == [p.stem for p in NOTEBOOKS]  # one source per notebook, none without
+    assert build_lessons.main(["--check"]) == 0
+    for source in sources:  # and the check would notice a change
+        nb = build_lessons.build(source)
+        nb.cells[1].source += "\n# changed"
+        assert build_lessons.cells(nb) != build_lessons.cells(read(source.with_suffix(".ipynb")))
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_committed_without_outputs(path):
     nb = read(path)
@@ -62,7 +77,7 @@ def test_lesson_shape(path):
     assert "manual_seed" in code, f"{path.name}: no fixed seed (torch.manual_seed)"
     assert re.search(r"^#+ .*Summary", markdown, re.M), f"{path.name}: no Summary section"
     exercises = [c for c in nb.cells if c.cell_type == "code" and EXERCISE.search(c.source)]
-    assert len(exercises) >= 2, f"{path.name}: {len(exercises)} exercise cells ('... = None  # your code'), want 2-3"
+    assert len(exercises) >= 2, f"{path.name}: {len(exercises)} exercise cells (a stub raising NotImplementedError)"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
@@ -90,3 +105,38 @@ def test_run_lessons_script_turns_each_notebook_into_valid_python(monkeypatch):
         compile(script, str(path), "exec")
         n_code = sum(c["cell_type"] == "code" for c in json.loads(path.read_text())["cells"])
         assert script.count("# ---- cell ") == n_code
+
+
+def exercise_modules():
+    return sorted((LESSONS / "exercises").glob("l[0-9][0-9].py"))
+
+
+def load(path, name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("path", exercise_modules(), ids=[p.stem for p in exercise_modules()])
+def test_solutions_pass_their_checks_and_stubs_do_not(path, monkeypatch):
+    """Each lesson's exercises (lessons/exercises/lNN.py: CHECKS = {function name: check}) against the solutions
+    (lessons/solutions/lNN.py): every solution passes its check, a stub is "not answered yet", and a typical
+    mistake (solutions.MISTAKES = {function name: a wrong function}) fails its check."""
+    monkeypatch.syspath_prepend(str(LESSONS))
+    monkeypatch.setenv("MINIPEFT_FAST", "1")
+    checks = load(path, f"exercises_{path.stem}")
+    solutions = load(LESSONS / "solutions" / path.name, f"solutions_{path.stem}")
+    assert 2 <= len(checks.CHECKS) <= 3, f"{path.name}: {len(checks.CHECKS)} exercises, want 2-3"
+    for name, check in checks.CHECKS.items():
+        check(getattr(solutions, name))  # raises AssertionError when the solution is wrong
+
+        def stub(*args, **kwargs):
+            raise NotImplementedError
+
+        with pytest.raises(NotImplementedError):
+            check(stub)
+        with pytest.raises(AssertionError):
+            check(solutions.MISTAKES[name])

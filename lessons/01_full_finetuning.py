@@ -1,0 +1,508 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 01 · Full fine-tuning: the baseline
+#
+# Every parameter-efficient method is measured against one thing: training **all** the weights. This lesson
+# builds that baseline and finds out what it costs.
+#
+# **What you will build:**
+# 1. a training loop in a dozen lines, and a check that [`minipeft/train.py`](../minipeft/train.py)'s
+#    `train()` computes *exactly* the same weights;
+# 2. a full fine-tune of the bundled `tiny-shakespeare` model on Shakespeare's sonnets (which it has never
+#    seen), with its learning curves and a sample before and after;
+# 3. the memory bill: weights, gradients, AdamW's two states and the activations, each computed by hand and
+#    then measured.
+#
+# **What you need to know first:** lesson 00 (the model); what a gradient is and what an optimizer step does;
+# roughly what Adam does (a running mean and a running mean of squares of each gradient).
+
+# %%
+import os
+import time
+
+import matplotlib.pyplot as plt
+import torch
+
+FAST = os.environ.get("MINIPEFT_FAST") == "1"  # the tests set this: fewer steps, every cell still runs
+device = "cuda" if torch.cuda.is_available() else "cpu"
+torch.manual_seed(0)
+print(f"torch {torch.__version__} on {device}{' (fast mode)' if FAST else ''}")
+
+# %% [markdown]
+# ## The task: the sonnets
+#
+# `load_text_dataset` turns the text into one token stream, holds out its **last** 10% for validation (text
+# that comes after everything trained on) and cuts both parts into blocks of `seq_len` tokens
+# ([`minipeft/data.py`](../minipeft/data.py)). The held-out loss is what every lesson reports.
+
+# %%
+import copy
+
+from minipeft.checkpoint import ASSETS, load_pretrained
+from minipeft.data import Dataset, batch_stream, load_text_dataset
+from minipeft.train import TrainConfig, evaluate, train
+
+SEQ_LEN, BATCH = (64, 4) if FAST else (128, 8)
+STEPS = 10 if FAST else 60  # 60 steps: about two passes over the sonnets; many more only overfit
+EVAL_BATCHES = 6 if FAST else None  # None: the whole held-out set
+SONNETS = ASSETS / "data" / "sonnets.txt"  # the bundled fine-tuning data
+
+model, tok = load_pretrained("tiny-shakespeare", device=device)
+train_data, val_data = load_text_dataset(SONNETS, tok, seq_len=SEQ_LEN)
+print(f"{len(train_data)} training blocks and {len(val_data)} held-out blocks of {SEQ_LEN} tokens")
+base_loss, base_ppl = evaluate(model, val_data, batch_size=BATCH, max_batches=EVAL_BATCHES)
+print(f"before fine-tuning: held-out loss {base_loss:.3f} (perplexity {base_ppl:.1f})")
+
+prompt = torch.tensor([tok.encode("Shall I compare thee to a summer's day?\n")], device=device)
+
+
+def sample(m, n=20 if FAST else 60):
+    out = m.generate(
+        prompt, max_new_tokens=n, temperature=0.8, top_k=50, generator=torch.Generator(device=device).manual_seed(0)
+    )
+    return tok.decode(out[0].tolist())
+
+
+before = sample(model)
+print(before)
+
+
+# %% [markdown]
+# ## A training loop by hand
+#
+# One step: take a batch, compute the mean next-token loss, backpropagate, clip the gradient norm, let AdamW
+# update every parameter, clear the gradients. `batch_stream(data, batch_size, seed)` gives batches in an
+# order that depends only on the seed, so two runs see the same data.
+
+
+# %%
+def train_by_hand(model, data, steps, lr, batch_size, seed=0):
+    torch.manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    stream = batch_stream(data, batch_size, seed)
+    losses = []
+    model.train()
+    for _step in range(steps):
+        batch = next(stream)
+        loss = model(batch["input_ids"].to(device), labels=batch["labels"].to(device)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_norm=1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+# Overfit one batch: a loop that cannot do this has a bug.
+one_batch = Dataset(train_data.input_ids[:BATCH], train_data.labels[:BATCH])
+m, _ = load_pretrained("tiny-shakespeare", device=device)
+losses = train_by_hand(m, one_batch, steps=15, lr=1e-3, batch_size=BATCH)
+print(" ".join(f"{l:.2f}" for l in losses))
+assert losses[-1] < 0.5 * losses[0]
+
+# %% [markdown]
+# ### The library's `train()` does exactly this
+#
+# `train()` adds what a real run needs (a warmup + cosine schedule, gradient accumulation, evaluation,
+# checkpoints, a stop on a non-finite loss) but its core is the loop above. With the schedule flat
+# (`min_lr_ratio=1.0`, no warmup), the two must produce the **same weights**. We compare in float64: a CPU's
+# matrix kernels may round a float32 product differently from one call to the next (it can depend on how the
+# memory is aligned), and Adam's first steps magnify tiny differences in tiny gradients; in float64 that
+# noise is far below anything we look at.
+
+# %%
+start, _ = load_pretrained("tiny-shakespeare", dtype="float64", device=device)
+a, b = copy.deepcopy(start), copy.deepcopy(start)
+train_by_hand(a, train_data, steps=3, lr=5e-4, batch_size=BATCH)
+train(
+    b,
+    train_data,
+    None,
+    TrainConfig(steps=3, lr=5e-4, batch_size=BATCH, min_lr_ratio=1.0, max_grad_norm=1.0, progress=False),
+)
+diff = max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+moved = max((p - q).abs().max().item() for p, q in zip(a.parameters(), start.parameters()))
+print(f"the weights moved by up to {moved:.1e}; the two loops differ by at most {diff:.1e}")
+assert diff < 1e-9 and moved > 1e-4
+del a, b, m, start
+
+# %% [markdown]
+# ### One speed switch: compiled blocks
+#
+# `TrainConfig(compile=True)` (`minipeft finetune --compile`) runs each block through `torch.compile` while
+# training ([`fast.compile_blocks`](../minipeft/fast.py), the speed seam): PyTorch traces the block once, and its
+# compiler fuses the small operations (RMSNorm, rotary embeddings, SwiGLU, an adapter's additions) into a few
+# generated kernels and keeps fewer activations for backward. The math does not change, so the losses must
+# match the plain loop's up to float rounding (bf16 on a GPU). The first step pays for the compilation; what it
+# buys on a GPU is measured in `benchmarks/README.md`. On a small CPU there is little to win: this cell checks
+# the math, not the speed.
+
+# %%
+start, _ = load_pretrained("tiny-shakespeare", device=device)
+runs = {}
+for compiled in (False, True):
+    m = copy.deepcopy(start)
+    t0 = time.perf_counter()
+    met = train(
+        m,
+        train_data,
+        None,
+        TrainConfig(steps=3, lr=5e-4, batch_size=BATCH, log_every=1, progress=False, compile=compiled),
+    )
+    runs[compiled] = [e["loss"] for e in met["train"]], time.perf_counter() - t0
+for compiled, (losses, seconds) in runs.items():
+    note = ", the compilation included" if compiled else ""
+    print(f"compile={compiled}: losses {' '.join(f'{l:.5f}' for l in losses)} ({seconds:.1f}s{note})")
+gap = max(abs(x - y) for x, y in zip(runs[False][0], runs[True][0]))
+assert gap < (1e-4 if device == "cpu" else 2e-2), gap
+del m, start
+
+# %% [markdown]
+# ## Fine-tuning all the weights
+#
+# Now the real run, with a short warmup and a cosine decay, evaluating on the held-out sonnets along the way.
+
+# %%
+cfg = TrainConfig(
+    steps=STEPS,
+    lr=5e-4,
+    batch_size=BATCH,
+    warmup_ratio=0.1,
+    log_every=1,
+    eval_every=max(1, STEPS // 5),
+    eval_batches=EVAL_BATCHES,
+    seed=0,
+    progress=False,
+)
+t0 = time.perf_counter()
+metrics = train(model, train_data, val_data, cfg)
+seconds = time.perf_counter() - t0
+for e in metrics["eval"]:
+    print(f"step {e['step']:4d}: held-out loss {e['val_loss']:.3f}")
+print(f"{STEPS} steps in {seconds:.1f}s; held-out loss {base_loss:.3f} -> {metrics['val_loss']:.3f}")
+assert metrics["val_loss"] < base_loss
+
+# %%
+plt.figure(figsize=(7, 3.5))
+epoch = len(train_data) // BATCH  # optimizer steps per pass over the training blocks
+for k in range(epoch, STEPS + 1, epoch):
+    plt.axvline(k + 0.5, color="gray", ls=":", lw=1)  # from here on, batches the model has already seen
+plt.plot([e["step"] for e in metrics["train"]], [e["loss"] for e in metrics["train"]], label="training batch")
+plt.plot(
+    [0] + [e["step"] for e in metrics["eval"]],
+    [base_loss] + [e["val_loss"] for e in metrics["eval"]],
+    "o-",
+    label="held-out sonnets",
+)
+plt.xlabel("optimizer step")
+plt.ylabel("loss (nats/token)")
+plt.legend()
+plt.title("full fine-tuning")
+plt.show()
+
+# %% [markdown]
+# The held-out loss is the number that matters. Dotted lines (if the run is long enough to have any) mark the
+# end of an epoch: after one, every training batch is text the model has already seen, and a training loss
+# that keeps falling while the held-out loss stalls is the model memorising its 26,000 training tokens with
+# its 4.7 million parameters. A sample before and after:
+
+# %%
+print("BEFORE:\n" + before + "\n")
+print("AFTER:\n" + sample(model))
+
+# %% [markdown]
+# ## Where the memory goes
+#
+# Training with AdamW in float32 keeps, for **every trainable** parameter:
+#
+# | what | bytes per parameter |
+# |---|---|
+# | the weight | 4 |
+# | its gradient | 4 |
+# | AdamW's `exp_avg` (first moment) | 4 |
+# | AdamW's `exp_avg_sq` (second moment) | 4 |
+#
+# 16 bytes a parameter: four copies of the model, before a single activation. Let us compute that, then
+# measure it on a real optimizer after one step.
+
+# %%
+from minipeft.train import build_optimizer, trainable_parameters
+
+
+def nbytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+params = {id(p): p for p in model.parameters()}.values()  # unique: lm_head is tied to the embedding
+P = sum(p.numel() for p in params)
+predicted = {"weights": 4 * P, "gradients": 4 * P, "AdamW states": 8 * P}
+
+optimizer = build_optimizer(trainable_parameters(model), TrainConfig(lr=1e-5))
+batch = next(batch_stream(train_data, BATCH, seed=0))
+model(batch["input_ids"].to(device), labels=batch["labels"].to(device)).loss.backward()
+optimizer.step()  # creates the states
+measured = {
+    "weights": nbytes(params),
+    "gradients": nbytes(p.grad for p in params),
+    "AdamW states": nbytes(t for s in optimizer.state.values() for t in s.values() if t.dim() > 0),
+}
+optimizer.zero_grad(set_to_none=True)
+for k in predicted:
+    print(f"{k:13s} predicted {predicted[k] / 2**20:7.2f} MiB   measured {measured[k] / 2**20:7.2f} MiB")
+    assert predicted[k] == measured[k]
+
+
+# %% [markdown]
+# ### Activations
+#
+# The fourth item grows with the batch: everything the forward pass **saves for backward** (inputs of each
+# matmul, normalised activations, attention statistics...). PyTorch lets us watch exactly that:
+# `torch.autograd.graph.saved_tensors_hooks` calls a function on every tensor autograd saves. We add up the
+# bytes of their storages, skipping the parameters themselves (already counted) and counting a shared
+# storage once.
+
+
+# %%
+def activation_bytes(model, ids, return_logits=True):
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in param_storages:
+            saved[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids, labels=ids, return_logits=return_logits).loss
+    del loss  # the graph (and what it saved) is freed here
+    return sum(saved.values())
+
+
+ids = batch["input_ids"].to(device)
+a1, a2 = activation_bytes(model, ids[:1]), activation_bytes(model, ids[:2])
+print(f"saved for backward: {a1 / 2**20:.2f} MiB for one sequence of {SEQ_LEN} tokens, {a2 / 2**20:.2f} MiB for two")
+assert abs(a2 / a1 - 2) < 0.05  # linear in the batch
+
+# %% [markdown]
+# Per token that is a lot: the logits alone are `vocab_size` numbers per token, and the softmax of the loss
+# keeps as many again. `train()` therefore asks the model for the loss only (`return_logits=False`), which it
+# computes from the last hidden states in chunks, so the `(B, T, V)` logits never exist all at once:
+
+# %%
+chunked = activation_bytes(model, ids[:1], return_logits=False)
+V, D = model.config.vocab_size, model.config.hidden_size
+print(
+    f"per token: {a1 / SEQ_LEN / 1024:.1f} KiB with the logits, {chunked / SEQ_LEN / 1024:.1f} KiB without "
+    f"(one float32 logit row is {V * 4 / 1024:.0f} KiB, one hidden vector {D * 4 / 1024:.0f} KiB)"
+)
+assert chunked < a1
+
+# %% [markdown]
+# On a GPU PyTorch can also report the peak it actually allocated, which includes temporary buffers; on a
+# CPU there is no such counter, so there we rely on the accounting above.
+
+# %%
+if device == "cuda":
+    import gc
+
+    del optimizer
+    gc.collect()
+    torch.cuda.empty_cache()  # drop what earlier cells left behind
+    optimizer = build_optimizer(trainable_parameters(model), TrainConfig(lr=1e-5))
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    model(ids, labels=ids, return_logits=False).loss.backward()
+    optimizer.step()
+    peak = torch.cuda.max_memory_allocated()
+    accounted = sum(predicted.values()) + activation_bytes(model, ids, return_logits=False)
+    print(
+        f"CUDA: {start / 2**20:.1f} MiB allocated before the step, peak {peak / 2**20:.1f} MiB;"
+        f" accounted for: {accounted / 2**20:.1f} MiB (the rest: temporary buffers of the kernels)"
+    )
+    optimizer.zero_grad(set_to_none=True)
+else:
+    print("no GPU here: peak memory is not measured, only accounted for (weights, gradients, states, activations)")
+
+# %% [markdown]
+# The same bill for SmolLM2-135M, the real model from lesson 00, at a batch of 8 sequences of 512 tokens.
+# The weights, gradients and states are `P` times 4, 4 and 8 bytes; the activations (loss computed in chunks,
+# as `train()` does) are measured on one short sequence and scaled linearly: they are linear in the number
+# of sequences, and about linear in the length with an attention kernel that does not store the `T × T`
+# attention matrix (PyTorch's `scaled_dot_product_attention` does not).
+
+# %%
+from minipeft.checkpoint import download
+
+download("smollm2-135m-instruct")
+smol, _ = load_pretrained("smollm2-135m-instruct", device=device)
+rows, sizes = {}, {}
+for name, m, n_seq, T in [("tiny-shakespeare", model, 8, 128), ("SmolLM2-135M", smol, 8, 512)]:
+    P_m = sizes[name] = sum(p.numel() for p in {id(p): p for p in m.parameters()}.values())
+    probe = 32
+    probe_ids = torch.zeros(1, probe, dtype=torch.long, device=device)
+    per_token = activation_bytes(m, probe_ids, return_logits=False) / probe
+    rows[name] = {
+        "weights": 4 * P_m,
+        "gradients": 4 * P_m,
+        "AdamW states": 8 * P_m,
+        f"activations ({n_seq}×{T})": per_token * n_seq * T,
+    }
+del smol
+
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+for ax, (name, parts) in zip(axes, rows.items()):
+    bottom = 0
+    for k, v in parts.items():
+        ax.bar([0], [v / 2**20], bottom=bottom, width=0.6, label=f"{k}: {v / 2**20:,.0f} MiB")
+        bottom += v / 2**20
+    ax.set_xlim(-0.5, 2.2)
+    ax.set_title(name)
+    ax.set_ylabel("MiB")
+    ax.set_xticks([])
+    ax.legend(fontsize=8)
+plt.suptitle("full fine-tuning with AdamW in float32")
+plt.tight_layout()
+plt.show()
+for name, parts in rows.items():
+    largest = max(parts, key=parts.get)
+    print(f"{name}: the largest item is {largest}")
+    assert largest.startswith("activations")
+
+# %% [markdown]
+# At these batch sizes the activations are the largest item. They can be cut without touching the model:
+# smaller micro-batches with gradient accumulation, or gradient checkpointing (recompute each block in
+# backward instead of storing it). The other three quarters of the fixed bill, gradients and AdamW states,
+# exist only because every weight is trainable. Freeze the base and train a few thousand parameters instead,
+# and they all but vanish: that is the promise of parameter-efficient fine-tuning (the activations stay:
+# backward still has to pass through the frozen layers). Lesson 02 starts with LoRA.
+#
+# ### The gradients need not all exist at once
+#
+# `optimizer.step()` needs every gradient only because it runs after backward. Backward finishes the gradients
+# one parameter at a time, so each parameter can take its AdamW step the moment its gradient is complete, and
+# the gradient can be freed at once: the model's gradients then never exist together.
+# `TrainConfig(optimizer_in_backward=True)` (`minipeft finetune --optimizer-in-backward`) does this with one
+# hook per parameter, `step_in_backward` in [`minipeft/fast.py`](../minipeft/fast.py). The price: no clipping
+# by the norm of all gradients, and no accumulation, since both need every gradient at once. Below, one step
+# each way from the same weights: the same result, and the most gradient bytes alive at any moment of
+# backward.
+
+# %%
+import copy
+
+from minipeft.fast import step_in_backward
+
+
+def one_step(in_backward):
+    m = copy.deepcopy(model)
+    opt = build_optimizer(trainable_parameters(m), TrainConfig(lr=1e-4, max_grad_norm=None))
+    alive = [0]  # the most gradient bytes that existed at one moment of backward
+
+    def watch(p):  # runs when p's gradient is complete (before the step hook, registered after it)
+        alive[0] = max(alive[0], nbytes(q.grad for q in m.parameters() if q.grad is not None))
+
+    hooks = [p.register_post_accumulate_grad_hook(watch) for p in m.parameters()]
+    hooks += step_in_backward(opt) if in_backward else []
+    m(ids, labels=ids, return_logits=False).loss.backward()
+    opt.step()  # in backward: nothing is left to do here, no parameter has a gradient any more
+    for h in hooks:
+        h.remove()
+    return m, alive[0]
+
+
+plain, plain_bytes = one_step(False)
+in_bwd, in_bwd_bytes = one_step(True)
+same = all(torch.allclose(p, q, rtol=1e-6, atol=1e-9) for p, q in zip(plain.parameters(), in_bwd.parameters()))
+print(
+    f"same weights after the step: {same}; gradient bytes alive at most: {plain_bytes / 2**20:.2f} MiB "
+    f"after backward, {in_bwd_bytes / 2**20:.2f} MiB stepped in backward (the largest one: the embedding)"
+)
+assert same and in_bwd_bytes < plain_bytes / 2
+del plain, in_bwd
+
+# %% [markdown]
+# It pays when the optimizer step is the peak: a big model at a small batch. At the 7B shape with one sequence
+# of 512 tokens, full fine-tuning peaked at 50.5 GiB, 41.8 GiB stepped in backward (`benchmarks/README.md`);
+# at the batch sizes above the activations peak first, and nothing is saved.
+#
+# ## Summary
+#
+# You wrote a training loop and verified that [`minipeft/train.py`](../minipeft/train.py)'s `train()` computes
+# the same weights; you fine-tuned every weight of `tiny-shakespeare` on the sonnets and watched the held-out
+# loss fall; and you accounted for the memory — 16 bytes per parameter for weights, gradients and AdamW, plus
+# activations linear in the batch — checking each number against the tensors themselves.
+#
+# ## Exercises
+#
+# **1.** How many bytes do the weights, gradients and AdamW states of a full fine-tune of SmolLM2-135M take
+# in float32? (Lesson 00 counted its parameters.)
+
+# %%
+answer = None  # your code: an int
+
+# %%
+expected = 16 * sizes["SmolLM2-135M"]
+if answer is None:
+    print("not answered yet")
+elif answer == expected:
+    print(f"right: {answer / 2**30:.2f} GiB before any activation")
+else:
+    print(f"not quite: {answer:,d}. Weight + gradient + two AdamW states, 4 bytes each, per parameter.")
+
+# %% [markdown]
+# **2.** Gradient accumulation. A batch of 4 sequences does not fit, so you run it as two micro-batches of 2.
+# Compute the gradient of `model.lm_head.weight` that the **whole** batch's mean loss gives, using only two
+# backward passes on halves (`batch4` below). Hint: what must each half's loss be multiplied by?
+
+# %%
+batch4 = next(batch_stream(train_data, 4, seed=1))["input_ids"].to(device)  # the whole batch: 4 sequences
+model.zero_grad(set_to_none=True)
+answer = None  # your code: backward on batch4[:2] and on batch4[2:], then answer = model.lm_head.weight.grad.clone()
+
+# %%
+if answer is None:
+    print("not answered yet")
+else:
+    model.zero_grad(set_to_none=True)
+    model(batch4, labels=batch4).loss.backward()
+    expected = model.lm_head.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    if torch.allclose(answer, expected, rtol=1e-4, atol=1e-7):
+        print("right: two halves, each loss times 1/2 (each half has the same number of target tokens)")
+    else:
+        ratio = (answer.norm() / expected.norm()).item()
+        print(f"not quite: your gradient is {ratio:.2f} times as large as the full batch's")
+
+# %% [markdown]
+# **3.** SGD with momentum keeps **one** state per parameter instead of AdamW's two. How many bytes would
+# weights + gradients + optimizer states take for a full fine-tune of `tiny-shakespeare` with it, in float32?
+
+# %%
+answer = None  # your code: an int
+
+# %%
+sgd = torch.optim.SGD(params, lr=0.0, momentum=0.9)  # lr 0: measure, do not move
+model(ids, labels=ids).loss.backward()
+sgd.step()
+expected = nbytes(params) + nbytes(p.grad for p in params) + nbytes(t for s in sgd.state.values() for t in s.values())
+model.zero_grad(set_to_none=True)
+if answer is None:
+    print("not answered yet")
+elif answer == expected:
+    print(f"right: {answer / 2**20:.1f} MiB, 12 bytes per parameter")
+else:
+    print(f"not quite: {answer:,d}. Count the unique parameters once (lm_head is the embedding).")

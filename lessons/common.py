@@ -1,0 +1,56 @@
+"""What every lesson shares: its settings, the way it compares two results, and the way it runs your exercises.
+
+    from common import DEVICE, FAST, STEPS, cmp, exercise
+
+FAST      the tests set MINIPEFT_FAST=1: fewer training steps, every cell still runs and every assert still holds
+DEVICE    "cuda" when there is a GPU, else "cpu"
+STEPS, BATCH, SEQ_LEN, VAL_BATCHES, lr(method)
+          the one training budget of lessons 02-08, `minipeft finetune`'s, so their held-out losses compare across
+          lessons and with benchmarks/README.md's sweep; lr(method) is finetune's default (measured there)
+cmp(name, ours, reference)
+          Karpathy's check from makemore's "backprop ninja": exact? close? the largest difference? (and the shapes)
+exercise(name, your_function, check)
+          runs a check on your function: "not answered yet" while it raises NotImplementedError, "correct" when
+          the check passes; a wrong answer fails with what differs (the check never shows the answer)
+"""
+
+import os
+
+import torch
+
+FAST = os.environ.get("MINIPEFT_FAST", "") not in ("", "0")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+STEPS = 10 if FAST else 60  # optimizer steps of every training run in lessons 02-08, as `minipeft finetune`
+BATCH, SEQ_LEN, VAL_BATCHES = 8, 128, 20
+
+
+def lr(method):
+    """`minipeft finetune`'s default learning rate for a method ("lora", "qlora", "adapter", "prefix", ...)."""
+    from minipeft.cli import METHOD_DEFAULTS
+
+    return METHOD_DEFAULTS[method]["lr"]
+
+
+def cmp(name, ours, reference):
+    """Print how `ours` compares with `reference` (tensors): exact, close (allclose), max |difference|; -> close."""
+    ours, reference = torch.as_tensor(ours), torch.as_tensor(reference)
+    if ours.shape != reference.shape:
+        print(f"{name:28s} | shape {tuple(ours.shape)} but the reference is {tuple(reference.shape)}")
+        return False
+    exact = bool(torch.equal(ours, reference))
+    close = bool(torch.allclose(ours.to(reference.dtype), reference, rtol=1e-5, atol=1e-8))
+    diff = (ours.to(reference.dtype) - reference).abs().max().item() if ours.numel() else 0.0
+    print(f"{name:28s} | exact: {exact!s:5} | close: {close!s:5} | max diff: {diff:.2e}")
+    return close
+
+
+def exercise(name, function, check):
+    """Run check(function); the check raises AssertionError (what differs) or returns when the answer is right."""
+    try:
+        check(function)
+    except NotImplementedError:
+        print(f"{name}: not answered yet (replace `raise NotImplementedError` with your code)")
+        return None
+    print(f"{name}: correct")
+    return True

@@ -1,0 +1,94 @@
+"""Build the lesson notebooks from their sources: lessons/NN_topic.py (jupytext's percent format) -> NN_topic.ipynb.
+
+    python scripts/build_lessons.py                  # every notebook, cells from its source, no outputs
+    python scripts/build_lessons.py 02 07            # only these lessons
+    python scripts/build_lessons.py --execute 02     # and run it top to bottom (full mode), keeping its outputs
+    python scripts/build_lessons.py --check          # exit 1 if a committed notebook's cells differ from its source
+
+The .py file is the lesson's source of truth: it diffs and lints like code (`ruff check lessons/`), runs as a
+plain script (`cd lessons && python 02_lora.py`), and opens in Jupyter with jupytext. The notebook is built from
+it: the same cells in the same order, with stable ids (`02-000`, `02-001`, ...), so a rebuild changes only what
+changed. tests/test_lessons.py checks that every committed notebook equals a fresh build of its source.
+"""
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+LESSONS = Path(__file__).resolve().parents[1] / "lessons"
+
+
+def sources(numbers=()):
+    found = sorted(LESSONS.glob("[0-9][0-9]_*.py"))
+    return [p for p in found if not numbers or p.name[:2] in numbers]
+
+
+def build(source):
+    """The notebook of one source file, without outputs."""
+    import jupytext
+    import nbformat
+
+    nb = jupytext.read(source)
+    nb.metadata = {
+        "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+        "language_info": {"name": "python"},
+    }
+    for i, cell in enumerate(nb.cells):
+        cell.id = f"{source.name[:2]}-{i:03d}"
+        cell.metadata = {}
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    nbformat.validate(nb)
+    return nb
+
+
+def cells(nb):  # what a build decides: each cell's kind and source
+    return [(c.cell_type, c.source) for c in nb.cells]
+
+
+def execute(nb, timeout=3600):
+    """Run the notebook in a fresh kernel from lessons/, in full mode (MINIPEFT_FAST unset); -> seconds."""
+    from nbclient import NotebookClient
+
+    env_fast = os.environ.pop("MINIPEFT_FAST", None)
+    try:
+        start = time.perf_counter()
+        NotebookClient(
+            nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(LESSONS)}}
+        ).execute()
+        return time.perf_counter() - start
+    finally:
+        if env_fast is not None:
+            os.environ["MINIPEFT_FAST"] = env_fast
+
+
+def main(argv=None):
+    import nbformat
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("numbers", nargs="*", help="lesson numbers (default: all)")
+    ap.add_argument("--execute", action="store_true", help="run each notebook and keep its outputs")
+    ap.add_argument("--check", action="store_true", help="only compare the committed notebooks with their sources")
+    args = ap.parse_args(argv)
+    stale = []
+    for source in sources(args.numbers):
+        target = source.with_suffix(".ipynb")
+        nb = build(source)
+        if args.check:
+            if not target.is_file() or cells(nbformat.read(target, as_version=4)) != cells(nb):
+                stale.append(target.name)
+            continue
+        seconds = execute(nb) if args.execute else None
+        nbformat.write(nb, target)
+        print(f"wrote {target.relative_to(LESSONS.parent)} ({len(nb.cells)} cells"
+              f"{f', executed in {seconds:.0f} s' if seconds is not None else ''})")  # fmt: skip
+    if stale:
+        print(f"built from older sources (run python scripts/build_lessons.py): {', '.join(stale)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
