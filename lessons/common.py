@@ -54,3 +54,15 @@ def exercise(name, function, check):
         return None
     print(f"{name}: correct")
     return True
+
+
+def check_close(name, ours, reference, rtol=1e-7, atol=1e-10):
+    """For the exercise checks: AssertionError saying what differs (type, shape, dtype, non-finite entries, the
+    largest difference) between your result and the reference, never the reference's values."""
+    assert isinstance(ours, torch.Tensor), f"{name}: expected a tensor, got {type(ours).__name__}"
+    assert ours.shape == reference.shape, f"{name}: shape {tuple(ours.shape)}, expected {tuple(reference.shape)}"
+    assert ours.dtype == reference.dtype, f"{name}: dtype {ours.dtype}, expected {reference.dtype}"
+    assert torch.isfinite(ours).all(), f"{name}: {int((~torch.isfinite(ours)).sum())} entries are inf or NaN"
+    ours, reference = ours.detach().double(), reference.detach().double()
+    ok = torch.allclose(ours, reference, rtol=rtol, atol=atol)
+    assert ok, f"{name}: differs from the reference by up to {(ours - reference).abs().max().item():.2e}"
