@@ -1,10 +1,12 @@
-"""The `minipeft` command: finetune, generate, merge, quantize, download.
+"""The `minipeft` command: finetune, generate, merge, export, quantize, compare, download.
 
     minipeft finetune                                  # LoRA on the bundled tiny-shakespeare: plays -> sonnets
     minipeft finetune --model smollm2-135m-instruct --data my.jsonl --method qlora --steps 500
     minipeft generate --model tiny-shakespeare --prompt "ROMEO:"
     minipeft generate --adapter runs/sonnets --prompt "Shall I"
     minipeft merge --adapter runs/sonnets --out merged/          # a plain HF-format model directory
+    minipeft merge --adapter runs/sonnets --gguf merged.gguf     # one GGUF file for llama.cpp / Ollama
+    minipeft export --adapter runs/sonnets --gguf lora.gguf      # the LoRA alone, as llama.cpp's adapter
     minipeft download smollm2-135m-instruct
 
 Every argument is checked before the model is loaded, so a typo costs no time.
@@ -165,12 +167,19 @@ def build_parser():
     g.add_argument("--device", default="auto")
     g.add_argument("--dtype", default="auto")
 
-    m = sub.add_parser("merge", help="merge a LoRA/DoRA adapter into its base and save a plain HF model")
-    m.add_argument("--adapter", required=True)
-    m.add_argument("--model", default=None)
-    m.add_argument("--out", required=True, help="a new or empty folder")
+    m = sub.add_parser("merge", help="merge a LoRA/DoRA adapter into its base; save an HF model or a GGUF file")
+    m.add_argument("--adapter", default=None, help="the adapter (without it, --model alone is written)")
+    m.add_argument("--model", default=None, help="default: the adapter's base model")
+    m.add_argument("--out", default=None, help="an HF model folder to write (new or empty)")
+    m.add_argument("--gguf", default=None, help="a .gguf file to write instead, for llama.cpp / Ollama / LM Studio")
+    m.add_argument("--outtype", default="f16", help="GGUF weights: f32 | f16 | bf16 | q8_0 (default f16)")
     m.add_argument("--overwrite", action="store_true",
-                   help="write into a non-empty --out: only the files merge writes are replaced")  # fmt: skip
+                   help="replace an existing --gguf file, or write into a non-empty --out (only merge's files)")  # fmt: skip
+
+    e = sub.add_parser("export", help="write a LoRA adapter as a llama.cpp adapter (GGUF), applied at run time")
+    e.add_argument("--adapter", required=True)
+    e.add_argument("--gguf", required=True, help="the adapter .gguf file to write")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --gguf file")
 
     q = sub.add_parser("quantize", help="write an HF-format model with bitsandbytes-style NF4 weights")
     q.add_argument("--model", required=True)
@@ -178,6 +187,17 @@ def build_parser():
     q.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     q.add_argument("--blocksize", type=int, default=64)
     q.add_argument("--no-double-quant", action="store_true")
+
+    c = sub.add_parser("compare", help="several methods on one model and data, one budget: a table and a figure")
+    c.add_argument("--model", default="tiny-shakespeare")
+    c.add_argument("--data", default=str(DEFAULT_DATA))
+    c.add_argument("--methods", default="full,lora,dora,adapter,prefix,prompt,qlora",
+                   help="comma-separated: full, lora, dora, adapter, prefix, prompt, qlora (default: all)")  # fmt: skip
+    c.add_argument("--steps", type=positive_int, default=None, help="default: each method's finetune default")
+    c.add_argument("--batch-size", type=positive_int, default=8)
+    c.add_argument("--seq-len", type=positive_int, default=128)
+    c.add_argument("--device", default="auto")
+    c.add_argument("--out", default=None, help="keep each run in <out>/<method>/ and the figure in <out>/compare.png")
 
     d = sub.add_parser("download", help="fetch and convert a registered model into the cache")
     d.add_argument("name")
@@ -406,6 +426,7 @@ def cmd_finetune(args):
     print(f"model {args.model}: {sum(p.numel() for p in model.parameters()):,d} params, {dtype}, {device} "
           f"({time.time() - t0:.1f}s); data {args.data}: {len(train_data)} train / {len(val_data)} held-out sequences")  # fmt: skip
     bf16 = device.startswith("cuda")  # train() autocasts to bf16 on CUDA (float32 trainable weights): so do we
+    base = None
     if config is not None:  # the base model alone, evaluated as train() evaluates (QLoRA: before quantizing)
         base, _ = evaluate(model, val_data, args.batch_size, 20, device=device, bf16=bf16)
         print(f"held-out loss of the base model{' (full precision)' if args.method == 'qlora' else ''}: {base:.4f}")
@@ -452,7 +473,20 @@ def cmd_finetune(args):
             f"{sample(model, tokenizer, prompt, device)}\n"
         )  # fmt: skip (the last step's model)
     print(f"wrote {out}/ ({kind}/ the best, {kind}-last/, metrics.json, checkpoint/, command.txt)")
-    return metrics
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    state = weight_bytes(model) + 3 * sum(p.numel() * p.element_size() for p in trainable)  # + grads, 2 moments
+    return {**metrics, "trainable_params": sum(p.numel() for p in trainable), "state_bytes": state,
+            "before": before, "base_loss": base if config else before}  # fmt: skip
+
+
+def weight_bytes(model):
+    """Bytes of every weight, shared ones once, a 4-bit layer's packed codes and statistics included."""
+    sizes = {id(p): p.numel() * p.element_size() for p in model.parameters()}
+    quantized = [m.qweight for m in model.modules() if hasattr(m, "qweight")]
+    fields = ("packed", "absmax", "offset", "nested_absmax", "nested_code")
+    return sum(sizes.values()) + sum(
+        t.numel() * t.element_size() for q in quantized for t in (getattr(q, f) for f in fields) if t is not None
+    )
 
 
 def load_with_adapters(args):
@@ -531,18 +565,71 @@ def check_not_a_source(out, sources):
             raise SystemExit(f"error: --out {out} is the {what}'s own folder ({path}): choose another folder")
 
 
+def gguf_target(path, overwrite):
+    """Check a .gguf output path before any work: a .gguf name, its folder writable, not there unless overwrite."""
+    p = Path(path)
+    if p.suffix != ".gguf":
+        raise SystemExit(f"error: --gguf {path}: the file name must end in .gguf")
+    if p.exists() and (p.is_dir() or not overwrite):
+        raise SystemExit(f"error: --gguf {path} exists: choose a new name, or pass --overwrite")
+    writable_folder(p.parent if str(p.parent) else Path("."), "--gguf", overwrite=True)
+    return p
+
+
 def cmd_merge(args):
     from .checkpoint import save_pretrained
+    from .files import write_file
+    from .gguf import OUTTYPES, write_model
+
+    if (args.out is None) == (args.gguf is None):
+        raise SystemExit("error: give one of --out (an HF model folder) or --gguf (a .gguf file)")
+    if args.gguf and args.outtype not in OUTTYPES:
+        raise SystemExit(f"error: unknown --outtype {args.outtype!r}; valid: {', '.join(OUTTYPES)}")
+    if args.adapter is None and args.model is None:
+        raise SystemExit("error: give --adapter (merged into its base) or --model (written as it is)")
+    adapter_dir = resolve_adapter_dir(args.adapter) if args.adapter else None
+    base = args.model or base_model_of(adapter_dir) or "tiny-shakespeare"
+    if args.out:
+        check_not_a_source(args.out, [("base model", model_path(base)), ("adapter", adapter_dir)])
+        writable_folder(args.out, "--out", overwrite=args.overwrite)
+    target = gguf_target(args.gguf, args.overwrite) if args.gguf else None
+    args.adapter, args.model, args.device, args.dtype = (
+        [str(adapter_dir)] if adapter_dir else [],
+        base,
+        "cpu",
+        "float32",
+    )
+    model, tokenizer, _ = load_with_adapters(args)
+    merged = model.merge_and_unload() if adapter_dir else model
+    if target is None:
+        save_pretrained(merged, args.out, tokenizer)
+        print(f"wrote the merged model to {args.out}")
+        return
+    name = Path(str(adapter_dir or base)).name
+    write_file(target, lambda tmp: write_model(merged, tokenizer, tmp, args.outtype, name=name))
+    print(f"wrote {target} ({args.outtype}, {target.stat().st_size / 2**20:.1f} MiB): llama-cli -m {target}")
+
+
+def cmd_export(args):
+    from .files import write_file
+    from .gguf import check_writable, write_lora
 
     adapter_dir = resolve_adapter_dir(args.adapter)
-    base = args.model or base_model_of(adapter_dir) or "tiny-shakespeare"
-    check_not_a_source(args.out, [("base model", model_path(base)), ("adapter", adapter_dir)])
-    writable_folder(args.out, "--out", overwrite=args.overwrite)
-    args.adapter, args.model, args.device, args.dtype = [str(adapter_dir)], base, "cpu", "float32"
-    model, tokenizer, _ = load_with_adapters(args)
-    merged = model.merge_and_unload()
-    save_pretrained(merged, args.out, tokenizer)
-    print(f"wrote the merged model to {args.out}")
+    target = gguf_target(args.gguf, args.overwrite)
+    args.adapter, args.model, args.device, args.dtype = [str(adapter_dir)], None, "cpu", "float32"
+    model, _, _ = load_with_adapters(args)
+    config = model.active_peft_config
+    if config.peft_type != "LORA" or config.use_dora:
+        kind = "DoRA" if config.peft_type == "LORA" else config.peft_type
+        raise SystemExit(
+            f"error: llama.cpp's adapters are plain LoRA, and {adapter_dir} is a {kind} adapter: merge it into its "
+            f"base instead: minipeft merge --adapter {adapter_dir} --gguf merged.gguf"
+        )
+    check_writable(model.config)
+    name = model.active_adapter
+    layers = {n: (m.lora_A[name].weight, m.lora_B[name].weight) for n, m in model.tuner_layers() if name in m.lora_A}
+    write_file(target, lambda tmp: write_lora(layers, config, model.config, tmp))
+    print(f"wrote {target}: llama-cli -m base.gguf --lora {target}")
 
 
 def cmd_quantize(args):
@@ -556,6 +643,12 @@ def cmd_quantize(args):
     quantize_model(model, blocksize=args.blocksize, double_quant=not args.no_double_quant)
     save_pretrained(model, args.out, tokenizer)
     print(f"wrote the NF4 model to {args.out}")
+
+
+def cmd_compare(args):
+    from .compare import compare
+
+    return compare(args)
 
 
 def cmd_download(args):
@@ -572,13 +665,15 @@ def main(argv=None):
         "finetune": cmd_finetune,
         "generate": cmd_generate,
         "merge": cmd_merge,
+        "export": cmd_export,
         "quantize": cmd_quantize,
+        "compare": cmd_compare,
         "download": cmd_download,
     }[args.command]
     from .train import NonFiniteLossError
 
     try:
-        command(args)
+        return command(args)
     except (ValueError, OSError, KeyError, ImportError, NonFiniteLossError) as e:  # clear errors: no traceback
         # (OSError: a missing file, a full disk, a folder in use; ImportError: an optional extra not installed)
         if os.environ.get("MINIPEFT_DEBUG"):

@@ -122,3 +122,150 @@ def unpermute(w, n_heads):
     """llama.cpp -> HF row order of q_proj / k_proj. In each head, GGUF row 2i + j is HF row j * head_dim/2 + i
     (i < head_dim/2, j = 0 or 1): rows (n_heads, head_dim/2, 2) -> (n_heads, 2, head_dim/2)."""
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# ---- writing: a model (merged or base) and a LoRA adapter, for llama.cpp / Ollama ----------------------------
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # what write_model writes 2-D weights as (1-D ones stay float32)
+GGUF_OF = {v: k for k, v in GGUF_NAMES.items()}  # HF module name -> llama.cpp's
+
+
+def gguf_name(name):  # model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight (hf_name's inverse)
+    p = name.split(".")
+    if p[:2] == ["model", "layers"] and ".".join(p[3:-1]) in GGUF_OF:
+        return f"blk.{p[2]}.{GGUF_OF['.'.join(p[3:-1])]}.{p[-1]}"
+    if ".".join(p[:-1]) in GGUF_OF:
+        return f"{GGUF_OF['.'.join(p[:-1])]}.{p[-1]}"
+    raise ValueError(f"no GGUF name for tensor {name!r}")
+
+
+def permute(w, n_heads):
+    """HF -> llama.cpp row order of q_proj / k_proj (unpermute's inverse): rows (n_heads, 2, hd/2) -> (n_heads,
+    hd/2, 2), so that llama.cpp's rotary, which turns adjacent channels together, meets the same pairs."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def check_writable(cfg):
+    """Refuse, before any work, a model llama.cpp's "llama" architecture would compute differently."""
+    bad = {k: v for k, v in dict(attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias,
+                                 sliding_window=cfg.sliding_window).items() if v}  # fmt: skip
+    kind = (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type", "default"))
+    if kind not in ("default", "linear"):
+        bad["rope_scaling"] = kind
+    if bad:
+        raise ValueError(f"cannot write this model as a GGUF 'llama' (llama.cpp would compute it differently): {bad}")
+
+
+def _writer(path, gguf):
+    return gguf.GGUFWriter(str(path), arch="llama")
+
+
+def _finish(writer):
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def write_model(model, tokenizer, path, outtype="f32", name="minipeft"):
+    """A Transformer (e.g. merge_and_unload()'s) as a llama.cpp GGUF file: llama.cpp's tensor names and q/k row
+    order, the architecture metadata, the tokenizer and chat template. outtype: how 2-D weights are stored."""
+    import gguf
+
+    if outtype not in OUTTYPES:
+        raise ValueError(f"unknown outtype {outtype!r}; valid: {', '.join(OUTTYPES)}")
+    cfg = model.config
+    check_writable(cfg)
+    w = _writer(path, gguf)
+    w.add_name(name)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_vocab_size(cfg.vocab_size)
+    if cfg.rope_scaling:  # linear (check_writable refused the others)
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(cfg.rope_scaling["factor"])
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]  # fmt: skip
+    w.add_file_type(file_type)
+    if tokenizer is not None:
+        for key, value in tokenizer.gguf_metadata().items():
+            w.add_key_value(key, value[0], value[1])
+    for key, t in model.state_dict().items():
+        if key == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # no output.weight: llama.cpp then reuses token_embd
+        data = t.detach().float().cpu().numpy()
+        if ".self_attn.q_proj." in key or ".self_attn.k_proj." in key:
+            data = permute(data, cfg.num_attention_heads if ".q_proj." in key else cfg.num_key_value_heads)
+        _add_tensor(w, gguf, gguf_name(key), data, outtype if data.ndim == 2 else "f32")
+    _finish(w)
+
+
+def _add_tensor(writer, gguf, name, data, outtype):
+    if outtype == "f32":
+        writer.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))
+    elif outtype == "f16":
+        writer.add_tensor(name, data.astype(np.float16))
+    else:  # bf16, q8_0: bytes from the gguf package's quantizer (Q8_0 needs rows of a multiple of 32)
+        kind = gguf.GGMLQuantizationType.BF16 if outtype == "bf16" else gguf.GGMLQuantizationType.Q8_0
+        if kind == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32:
+            kind = gguf.GGMLQuantizationType.F16  # as llama.cpp's converter falls back
+            writer.add_tensor(name, data.astype(np.float16))
+            return
+        q = gguf.quants.quantize(data, kind)  # the blocks' bytes (bf16: uint16 values), rows as data's
+        writer.add_tensor(name, q.view(np.uint8), raw_dtype=kind)
+
+
+def write_lora(layers, config, model_config, path):
+    """A LoRA adapter as llama.cpp reads one (`llama-cli --lora`): general.type "adapter", adapter.type "lora",
+    adapter.lora.alpha; per adapted weight `<gguf name>.lora_a` (r, in) and `.lora_b` (out, r). llama.cpp scales
+    B A by alpha / r, so rsLoRA's alpha / sqrt(r) is written as alpha * sqrt(r). q/k's B rows get llama.cpp's row
+    order (their product is the weight's update). layers: {module name: (A, B)} as float tensors."""
+    import gguf
+
+    check_writable(model_config)
+    w = _writer(path, gguf)
+    w.add_string("general.type", "adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", float(config.lora_alpha * (config.r**0.5 if config.use_rslora else 1.0)))
+    for module, (A, B) in layers.items():
+        a, b = A.detach().float().cpu().numpy(), B.detach().float().cpu().numpy()
+        if module.endswith(("self_attn.q_proj", "self_attn.k_proj")):
+            n_heads = (
+                model_config.num_attention_heads if module.endswith("q_proj") else model_config.num_key_value_heads
+            )
+            b = permute(b, n_heads)
+        stem = gguf_name(module + ".weight")
+        w.add_tensor(stem + ".lora_a", np.ascontiguousarray(a))
+        w.add_tensor(stem + ".lora_b", np.ascontiguousarray(b))
+    _finish(w)
+
+
+def apply_lora(model, path):
+    """Add a llama.cpp LoRA adapter file to `model`'s weights in place, as llama.cpp applies one: W += alpha / r * B A
+    (B's q/k rows put back in HF's order). Our own reading of write_lora's format, to check it."""
+    import torch
+
+    reader, md = read_gguf(path)
+    if md.get("general.type") != "adapter" or md.get("adapter.type") != "lora":
+        raise ValueError(f"{path} is not a llama.cpp LoRA adapter (general.type {md.get('general.type')!r})")
+    tensors = {t.name: dequantize(t.data, t.tensor_type.name, tuple(int(n) for n in reversed(t.shape)))
+               for t in reader.tensors}  # fmt: skip
+    cfg, alpha = model.config, float(md["adapter.lora.alpha"])
+    with torch.no_grad():
+        for key, a in tensors.items():
+            if not key.endswith(".lora_a"):
+                continue
+            b, name = tensors[key.removesuffix("_a") + "_b"], hf_name(key.removesuffix(".lora_a"))
+            if ".self_attn.q_proj." in name or ".self_attn.k_proj." in name:
+                b = unpermute(b, cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads)
+            weight = model.get_parameter(name)
+            weight += torch.from_numpy(alpha / a.shape[0] * (b @ a)).to(weight)
+    return model

@@ -128,6 +128,38 @@ class Tokenizer:
             found.pop("chat_template")  # a list of named templates: not something we render
         return cls(rust, **found)
 
+    def gguf_metadata(self):
+        """This tokenizer as llama.cpp's GGUF metadata, {key: (value, gguf.GGUFValueType)}: from_gguf_metadata's
+        inverse. Only byte-level BPE with GPT-2's pre-tokenizer ("gpt2"), optionally splitting digits first
+        ("smollm"), can be written: llama.cpp knows a pre-tokenizer by name only."""
+        import gguf
+
+        spec = json.loads(self.tokenizer.to_str())
+        pre, model = spec.get("pre_tokenizer") or {}, spec["model"]
+        parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+        kinds = [(p.get("type"), p.get("individual_digits")) for p in parts]
+        name = {(("ByteLevel", None),): "gpt2", (("Digits", True), ("ByteLevel", None)): "smollm"}.get(tuple(kinds))
+        if model.get("type") != "BPE" or name is None or not parts[-1].get("use_regex", True):
+            raise ValueError(f"cannot write this tokenizer to GGUF: {model.get('type')} with pre-tokenizer {kinds} "
+                             "(llama.cpp reads byte-level BPE with GPT-2's regex, optionally splitting digits)")  # fmt: skip
+        vocab = self.tokenizer.get_vocab(with_added_tokens=True)
+        tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+        if [vocab[t] for t in tokens] != list(range(len(tokens))):
+            raise ValueError("cannot write this tokenizer to GGUF: its ids are not 0 .. n-1 without gaps")
+        added = {t.content: t.special for t in self.tokenizer.get_added_tokens_decoder().values()}
+        types = [GGUF_CONTROL if added.get(t) else GGUF_USER_DEFINED if t in added else 1 for t in tokens]  # 1: normal
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+        V = gguf.GGUFValueType
+        md = {"tokenizer.ggml.model": ("gpt2", V.STRING), "tokenizer.ggml.pre": (name, V.STRING),
+              "tokenizer.ggml.tokens": (tokens, V.ARRAY), "tokenizer.ggml.token_type": (types, V.ARRAY),
+              "tokenizer.ggml.merges": (merges, V.ARRAY), "tokenizer.ggml.add_bos_token": (self.add_bos_token, V.BOOL)}  # fmt: skip
+        for key, tid in (("bos", self.bos_token_id), ("eos", self.eos_token_id), ("padding", self.pad_token_id)):
+            if tid is not None:
+                md[f"tokenizer.ggml.{key}_token_id"] = (tid, V.UINT32)
+        if self.chat_template:
+            md["tokenizer.chat_template"] = (self.chat_template, V.STRING)
+        return md
+
     def save(self, path):
         """Write tokenizer.json and tokenizer_config.json (special tokens, chat template) that `from_file` and
         transformers' AutoTokenizer read. path: a directory, or a file name ending in .json."""

@@ -296,6 +296,7 @@ def _train(model, named, device, out_dir, train_data, val_data, cfg, resume, on_
     show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
     bar = tqdm(total=cfg.steps, initial=start, disable=not show, dynamic_ncols=True, desc="train")
     was_training, loss, tokens, seconds, warned, stopped = model.training, None, 0, 0.0, False, None
+    total_seconds, steps_run = 0.0, 0  # the time of the optimizer steps alone (no evaluation, no save)
     engine = fast.Engine(model, optimizer, cfg)  # the levers cfg asks for (none of them changes the math)
     model.train()
     optimizer.zero_grad(set_to_none=True)  # a gradient left from before train() must not enter the first step
@@ -328,6 +329,7 @@ def _train(model, named, device, out_dir, train_data, val_data, cfg, resume, on_
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             seconds += time.perf_counter() - t0
+            total_seconds, steps_run = total_seconds + time.perf_counter() - t0, steps_run + 1
             bar.update(1)
             write = False
             if step % cfg.log_every == 0 or step == cfg.steps:
@@ -366,7 +368,8 @@ def _train(model, named, device, out_dir, train_data, val_data, cfg, resume, on_
         model.train(was_training)
     last = metrics["eval"][-1] if metrics["eval"] else {}
     return {**metrics, "loss": loss, "val_loss": last.get("val_loss"), "val_ppl": last.get("val_ppl"),
-            "checkpoint": str(ckpt) if ckpt else None, "stopped_early_at": stopped}  # fmt: skip
+            "checkpoint": str(ckpt) if ckpt else None, "stopped_early_at": stopped,
+            "train_seconds": total_seconds, "steps_run": steps_run}  # fmt: skip
 
 
 def overfitting(metrics, patience):

@@ -314,3 +314,22 @@ def test_the_default_run_of_each_method_ends_below_where_it_started(tmp_path, me
     evals = json.loads((out / "metrics.json").read_text())["eval"]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 60
     assert evals[-1]["val_loss"] < evals[0]["val_loss"], evals
+
+
+def test_compare_runs_each_method_as_finetune_and_tabulates_it(tmp_path, capsys, monkeypatch):
+    """`minipeft compare` is `minipeft finetune` per method: its table holds each run's own step-0 and last held-out
+    losses (metrics.json of <out>/<method>), the trainable counts, and a figure; without matplotlib, a hint."""
+    out = tmp_path / "cmp"
+    rows = main(["compare", "--methods", "lora,prefix", "--steps", "3", "--seq-len", "48", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    for m in ("lora", "prefix"):
+        evals = json.loads((out / m / "metrics.json").read_text())["eval"]
+        assert f"| {m} | " in text and evals[0]["step"] == 0
+        assert rows[m]["before"] == evals[0]["val_loss"] and rows[m]["after"] == evals[-1]["val_loss"]
+    assert rows["lora"]["trainable"] == 5 * (8 * 256 + 256 * 8 + 8 * 256 + 128 * 8)  # 5 layers: q 256->256, v 256->128
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    main(["compare", "--methods", "prompt", "--steps", "2", "--seq-len", "48", "--out", str(tmp_path / "c2")])
+    assert "no figure: pip install matplotlib" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"unknown --methods \['ia3'\]"):
+        main(["compare", "--methods", "lora,ia3"])
