@@ -2,6 +2,7 @@
 
 from .adapter import AdapterConfig
 from .checkpoint import load_pretrained, save_pretrained
+from .ia3 import IA3Config
 from .lora import LoraConfig
 from .model import ModelConfig, Transformer
 from .nf4 import NF4Linear, dequantize_nf4, quantize_model, quantize_nf4
@@ -14,6 +15,7 @@ from .train import TrainConfig
 __version__ = "0.1.0"
 __all__ = [
     "AdapterConfig",
+    "IA3Config",
     "LoraConfig",
     "ModelConfig",
     "NF4Linear",

@@ -243,3 +243,33 @@ def prefix_gradient_identity(peft_model, batch, p_ids=None):
     params = dict(enc.named_parameters())
     errors.update({k: rel_err(params[k].grad, v) for k, v in expected.items()})
     return errors
+
+
+def ia3_gradient_identity(peft_model, batch):
+    """Compare IA3's gradients with the chain rule applied to full fine-tuning's G = dL/dW' of the merged weight.
+
+    Output scaling, W' = diag(l) W, b' = l * b:  dL/dl = rowsum(G * W) + dL/db' * b  (out, 1).   Input scaling,
+    W' = W diag(l):  dL/dl = colsum(G * W)  (1, in). Returns {module name: err} for every IA3 layer of the active
+    adapter.
+    """
+    peft_model.eval()
+    peft_model.zero_grad(set_to_none=True)
+    _loss(peft_model, batch).backward()
+    layers = {n: m for n, m in peft_model.base_model.named_modules() if hasattr(m, "ia3_l")}
+    full = copy.deepcopy(peft_model).merge_and_unload()
+    for p in full.parameters():
+        p.requires_grad_(False)
+    for name in layers:
+        full.get_submodule(name).requires_grad_(True)  # W' and b'
+    _loss(full, batch).backward()
+    errors = {}
+    for name, layer in layers.items():
+        a, merged = layer.active_adapter, full.get_submodule(name)
+        G, W = merged.weight.grad, layer.base_weight().detach()
+        if layer.is_feedforward[a]:
+            expected = (G * W).sum(0).reshape(1, -1)
+        else:
+            bias = layer.base_layer.bias
+            expected = ((G * W).sum(1) + (0 if bias is None else merged.bias.grad * bias.detach())).reshape(-1, 1)
+        errors[name] = rel_err(layer.ia3_l[a].grad, expected)
+    return errors

@@ -252,6 +252,7 @@ class TunerLayer(nn.Module):
                 setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
             if name in module.adapter_list():
                 raise ValueError(f"adapter {name!r} already exists on {qualname}")
+            module.name_in_model = qualname  # (a method may choose by name, e.g. IA3's feedforward modules)
             module.update_layer(name, config)
 
 
