@@ -107,7 +107,8 @@ def build_parser():
                    help="comma-separated names, 'all-linear', or a regex (default q_proj,v_proj; QLoRA all-linear)")  # fmt: skip
     g.add_argument("--rslora", action="store_true", default=None)
     g.add_argument("--dora", action="store_true", default=None)
-    g.add_argument("--lora-plus", type=float, default=None, metavar="RATIO", help="LoRA+: lr of lora_B times RATIO")
+    g.add_argument("--lora-plus", "--loraplus-ratio", dest="lora_plus", type=positive_float, default=None,
+                   metavar="RATIO", help="LoRA+: lr of lora_B (and of 1-D weights) times RATIO, e.g. 16")  # fmt: skip
     g.add_argument("--blocksize", type=int, default=None, help="QLoRA: NF4 block size (default 64)")
     g.add_argument("--no-double-quant", action="store_true", default=None, help="QLoRA: keep absmax in float32")
     g = f.add_argument_group("adapters, prefix and prompt tuning")

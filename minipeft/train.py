@@ -20,7 +20,8 @@ loss / grad_accum would over-weight the targets of short micro-batches.
 Schedule. LambdaLR multiplies lr by m(s) at optimizer step s = 0 .. steps - 1 (W warmup steps, r min_lr_ratio):
     m(s) = (s + 1) / (W + 1)                                                  s < W   linear warmup, never 0
     m(s) = r + (1 - r) * (1 + cos(pi * (s - W) / max(1, steps - 1 - W))) / 2   s >= W  cosine down to r
-LoRA+ (Hayou et al. 2024): with lora_plus_ratio = lambda, parameters named *lora_B* get lr * lambda.
+LoRA+ (Hayou et al. 2024): with lora_plus_ratio = lambda, lora_B and every 1-D parameter (a DoRA magnitude, a
+bias) get lr * lambda, the other parameters (lora_A) lr: HF PEFT's create_loraplus_optimizer groups, exactly.
 Weight decay, when not 0, applies to matrices (dim >= 2) only, not to norms and biases (as in nanoGPT).
 Speed and memory levers (fast.py, behind one seam, each tested equal to this plain loop): chunked_loss (on by
 default: the loss from the hidden states in chunks, no (B, T, V) logits), compile=True or a torch.compile mode
@@ -97,7 +98,7 @@ class TrainConfig:
     seed: int = 0  # seeds torch/python/numpy at the start of a fresh run, and the data order
     device: str | None = None  # where batches go; None: where the trainable parameters are
     autocast: str = "auto"  # "auto": bf16 on CUDA for a float32 model, off on CPU; "bf16"; "off"
-    lora_plus_ratio: float | None = None  # LoRA+: lr * ratio for lora_B; None: off
+    lora_plus_ratio: float | None = None  # LoRA+: lr * ratio for lora_B (and 1-D parameters); None: off
     out_dir: str | None = None  # checkpoint/ and metrics.json; None: nothing is written
     progress: bool | None = None  # the tqdm bar; None: only when stderr is a terminal
     # the speed levers of fast.py (see above)
@@ -156,7 +157,7 @@ def build_optimizer(named_params, cfg, device=None):
     """AdamW over exactly these (name, parameter) pairs, grouped by (LoRA+ lora_B?, decayed?)."""
     groups = {}
     for name, p in named_params:
-        lora_b = cfg.lora_plus_ratio is not None and "lora_B" in name
+        lora_b = cfg.lora_plus_ratio is not None and ("lora_B" in name or p.dim() == 1)  # PEFT's "group B"
         decay = cfg.weight_decay > 0 and p.dim() >= 2
         group = groups.setdefault(
             (lora_b, decay),

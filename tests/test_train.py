@@ -160,9 +160,8 @@ def test_optimizer_holds_only_trainable_parameters_with_lora_plus_and_decay_grou
     groups = {tuple(g["param_names"]): (g["lr"], g["weight_decay"]) for g in opt.param_groups}
     assert groups == {
         ("lora_A.weight",): (0.1, 0.01),  # matrices decay, biases do not
-        ("lora_A.bias",): (0.1, 0.0),
         ("lora_B.weight",): (1.6, 0.01),  # LoRA+: lr * 16 for lora_B
-        ("lora_B.bias",): (1.6, 0.0),
+        ("lora_A.bias", "lora_B.bias"): (1.6, 0.0),  # 1-D: with lora_B, as PEFT's create_loraplus_optimizer
     }
 
 
@@ -590,3 +589,25 @@ def test_with_the_optimizer_in_backward_nan_weights_stop_the_run_before_a_save(t
     saved = load_file(tmp_path / "checkpoint" / "trainable.safetensors")
     assert json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
     assert all(torch.isfinite(t).all() for t in saved.values())
+
+
+def test_lora_plus_groups_and_learning_rates_are_hf_peft_s():
+    """build_optimizer(lora_plus_ratio=16) gives every trainable parameter the learning rate that HF PEFT's
+    create_loraplus_optimizer gives it, on the same LoRA + DoRA adapter of the same model."""
+    import peft
+    from helpers import hf_llama
+    from peft.optimizers import create_loraplus_optimizer
+
+    from minipeft import LoraConfig, get_peft_model
+
+    hf, ours = hf_llama(tie_word_embeddings=False)
+    kw = dict(r=4, target_modules=["q_proj", "down_proj"], use_dora=True)
+    theirs = create_loraplus_optimizer(peft.get_peft_model(hf, peft.LoraConfig(**kw)), torch.optim.AdamW,
+                                       lr=1e-3, loraplus_lr_ratio=16)  # fmt: skip
+    mine = build_optimizer(trainable_parameters(get_peft_model(ours, LoraConfig(**kw))),
+                           TrainConfig(lr=1e-3, lora_plus_ratio=16))  # fmt: skip
+    # names: ours base_model.<module>..., PEFT's base_model.model.<module>...; the same shapes in the same order
+    theirs_lr = [(tuple(p.shape), g["lr"]) for g in theirs.param_groups for p in g["params"]]
+    mine_lr = [(tuple(p.shape), g["lr"]) for g in mine.param_groups for p in g["params"]]
+    assert sorted(mine_lr) == sorted(theirs_lr) and {lr for _, lr in mine_lr} == {1e-3, 1.6e-2}
+    assert sum(lr == 1.6e-2 for _, lr in mine_lr) == 2 * 2 * 2  # lora_B and the magnitude, 2 modules, 2 layers
