@@ -27,23 +27,28 @@ def _loss(model, batch):
     return model(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"]).loss
 
 
+def _adapter_and_full_gradients(peft_model, batch, marker):
+    """Backward through the adapted model, and through the reference: a plain model (merge_and_unload) whose merged
+    weights W' (and biases) are ordinary trainable Linear parameters. -> ({name: adapter layer}, reference)."""
+    peft_model.eval()  # no dropout: the identities hold for the deterministic function
+    peft_model.zero_grad(set_to_none=True)
+    _loss(peft_model, batch).backward()
+    layers = {n: m for n, m in peft_model.base_model.named_modules() if hasattr(m, marker)}
+    full = copy.deepcopy(peft_model).merge_and_unload()
+    for p in full.parameters():
+        p.requires_grad_(False)
+    for name in layers:
+        full.get_submodule(name).requires_grad_(True)
+    _loss(full, batch).backward()
+    return layers, full
+
+
 def lora_gradient_identity(peft_model, batch):
     """Compare LoRA/DoRA gradients with the chain rule applied to full fine-tuning's dL/dW'.
 
     Returns {module name: {"A": err, "B": err[, "m": err]}} for every LoRA layer of the active adapter.
     """
-    peft_model.eval()  # no dropout: the identities hold for the deterministic function
-    peft_model.zero_grad(set_to_none=True)
-    _loss(peft_model, batch).backward()
-    layers = {n: m for n, m in peft_model.base_model.named_modules() if hasattr(m, "lora_A")}
-
-    # The reference: a plain model whose adapted weights W' are ordinary trainable Linear weights.
-    full = copy.deepcopy(peft_model).merge_and_unload()
-    for p in full.parameters():
-        p.requires_grad_(False)
-    for name in layers:
-        full.get_submodule(name).weight.requires_grad_(True)
-    _loss(full, batch).backward()
+    layers, full = _adapter_and_full_gradients(peft_model, batch, "lora_A")
 
     errors = {}
     for name, layer in layers.items():
@@ -252,16 +257,7 @@ def ia3_gradient_identity(peft_model, batch):
     W' = W diag(l):  dL/dl = colsum(G * W)  (1, in). Returns {module name: err} for every IA3 layer of the active
     adapter.
     """
-    peft_model.eval()
-    peft_model.zero_grad(set_to_none=True)
-    _loss(peft_model, batch).backward()
-    layers = {n: m for n, m in peft_model.base_model.named_modules() if hasattr(m, "ia3_l")}
-    full = copy.deepcopy(peft_model).merge_and_unload()
-    for p in full.parameters():
-        p.requires_grad_(False)
-    for name in layers:
-        full.get_submodule(name).requires_grad_(True)  # W' and b'
-    _loss(full, batch).backward()
+    layers, full = _adapter_and_full_gradients(peft_model, batch, "ia3_l")
     errors = {}
     for name, layer in layers.items():
         a, merged = layer.active_adapter, full.get_submodule(name)
