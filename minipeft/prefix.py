@@ -133,6 +133,8 @@ class PrefixEncoder(PromptLearning):
         kv = kv[:, None].expand(2 * L, batch_size, K, P, hd)  # the same prefix for every row
         return [(kv[2 * i], kv[2 * i + 1]) for i in range(L)]
 
+    # The model's own keyword signature, written out again on purpose (in prefix.py and prompt.py alike): each
+    # method shows exactly which inputs it changes on their way to the model.
     def forward_model(
         self,
         model,

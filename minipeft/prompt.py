@@ -127,6 +127,8 @@ class PromptEncoder(PromptLearning):
         super().__init__(num_virtual_tokens)
         self.embedding = nn.Embedding(num_virtual_tokens, hidden_size, device=device, dtype=dtype)  # (P, D)
 
+    # The model's own keyword signature, written out again on purpose (in prefix.py and prompt.py alike): each
+    # method shows exactly which inputs it changes on their way to the model.
     def forward_model(
         self,
         model,
