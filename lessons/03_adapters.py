@@ -33,6 +33,8 @@
 #
 # **What you need first.** Lesson 00 (the decoder block: `x = x + o_proj(attention)`, `x = x + down_proj(mlp)`)
 # and lesson 02 (LoRA; `get_peft_model`; why $B = 0$ at init).
+#
+# Runs in about RUNTIME minutes on a 2-core CPU (measured, full mode); the tests run it in a shorter mode.
 
 # %%
 import os
@@ -40,10 +42,10 @@ import time
 
 import matplotlib.pyplot as plt
 import torch
+from common import BATCH, DEVICE, FAST, SEQ_LEN, STEPS, VAL_BATCHES, exercise, lr
 
-FAST = os.environ.get("MINIPEFT_FAST", "") not in ("", "0")  # the tests set it: fewer steps, the same cells
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU, when there is one, gets bigger settings
 MODEL = "tiny-shakespeare"
+BOTTLENECK = 64  # b: `minipeft finetune --method adapter`'s default (--bottleneck)
 torch.manual_seed(0)
 print(f"device: {DEVICE}, fast: {FAST}, torch {torch.__version__}")
 
@@ -61,19 +63,17 @@ from minipeft.lora import LoraConfig
 from minipeft.peft import PeftModel, get_peft_model
 from minipeft.train import TrainConfig, evaluate, train
 
-# The sonnets hold ~24k training tokens: a GPU gets longer blocks, not more epochs (that would only overfit).
-if DEVICE == "cuda":
-    STEPS, SEQ_LEN, BATCH, LR, VAL_BATCHES = 300, 128, 8, 1e-3, None
-elif FAST:
-    STEPS, SEQ_LEN, BATCH, LR, VAL_BATCHES = 20, 64, 8, 1e-3, 3
-else:
-    STEPS, SEQ_LEN, BATCH, LR, VAL_BATCHES = 300, 64, 8, 1e-3, None
-
 model, tok = load_pretrained(MODEL)
 train_data, val_data = load_text_dataset(ASSETS / "data" / "sonnets.txt", tok, SEQ_LEN)
 D, L = model.config.hidden_size, model.config.num_hidden_layers
 ids = next(batches(val_data, 2, shuffle=False))["input_ids"]  # (2, SEQ_LEN): two blocks of sonnet text
-print(f"{MODEL}: D = {D}, L = {L} blocks; {len(train_data)} training blocks of {SEQ_LEN} tokens")
+print(f"{MODEL}: D = {D}, L = {L} blocks")
+# The training budget of lessons 02-08 (`minipeft finetune`'s): STEPS steps of BATCH blocks of SEQ_LEN tokens
+print(
+    f"sonnets: {len(train_data)} training blocks of {SEQ_LEN} tokens = {train_data.num_tokens():,} tokens; "
+    f"{STEPS} steps x {BATCH} blocks = {STEPS * BATCH / len(train_data):.1f} passes over them; "
+    f"held-out: {len(val_data)} blocks"
+)
 
 
 # %% [markdown]
@@ -100,14 +100,13 @@ class Bottleneck(nn.Module):
 
 
 torch.manual_seed(0)
-adapter = Bottleneck(D, 32)
+adapter = Bottleneck(D, BOTTLENECK)
 h = torch.randn(2, 5, D)
 assert torch.equal(adapter(h), h)  # the identity, exactly
 n_params = sum(p.numel() for p in adapter.parameters())
-assert n_params == 2 * D * 32 + 32 + D
 print(
-    f"one adapter with b = 32: {n_params:,} parameters (2Db + b + D); the block it sits in has "
-    f"{sum(p.numel() for p in model.model.layers[0].parameters()):,}"
+    f"one adapter with b = {BOTTLENECK}: {n_params:,} parameters (two weight matrices, two biases); "
+    f"the block it sits in has {sum(p.numel() for p in model.model.layers[0].parameters()):,}"
 )
 
 # %% [markdown]
@@ -138,11 +137,11 @@ torch.manual_seed(0)
 with torch.no_grad():
     base_logits = model(ids).logits
     for placement in PLACEMENTS:
-        ours = insert_adapters(copy.deepcopy(model), placement, 32)
+        ours = insert_adapters(copy.deepcopy(model), placement, BOTTLENECK)
         assert torch.equal(ours(ids).logits, base_logits)  # identity at init: the pretrained model, exactly
         n = sum(p.numel() for m in ours.modules() if isinstance(m, Bottleneck) for p in m.parameters())
         per_block = len(PLACEMENTS[placement])
-        assert n == per_block * L * (2 * D * 32 + 32 + D)
+        assert n == per_block * L * n_params
         print(f"{placement:9s}: {per_block} adapter(s) per block, {n:,} parameters; output == base model's")
 
 # %% [markdown]
@@ -151,8 +150,9 @@ with torch.no_grad():
 
 # %%
 torch.manual_seed(0)
-lib = get_peft_model(copy.deepcopy(model), AdapterConfig(bottleneck_size=32, placement="houlsby", init_weights=False))
-ours = insert_adapters(copy.deepcopy(model), "houlsby", 32)
+config = AdapterConfig(bottleneck_size=BOTTLENECK, placement="houlsby", init_weights=False)
+lib = get_peft_model(copy.deepcopy(model), config)
+ours = insert_adapters(copy.deepcopy(model), "houlsby", BOTTLENECK)
 with torch.no_grad():
     for i, block in enumerate(ours.model.layers):
         for path in PLACEMENTS["houlsby"]:
@@ -177,16 +177,17 @@ assert not torch.allclose(lib_logits, base_logits, atol=1e-3)  # the adapters re
 #
 # `AdapterConfig(bottleneck_size, placement, activation)`. `get_peft_model` freezes the base and wraps each
 # `o_proj` / `down_proj` in an `AdapterLayer` (composition: the layer keeps its `base_layer`, as LoRA does). The
-# trainable count has a closed form; `disable_adapter()` gives the base model back exactly. What it cannot do is
-# merge: $a(h)$ is nonlinear in $h$, so there is no weight matrix to fold it into.
+# trainable count is that of our inline adapters (it has a closed form: exercise 2); `disable_adapter()` gives the
+# base model back exactly. What it cannot do is merge: $a(h)$ is nonlinear in $h$, so there is no weight matrix
+# to fold it into.
 
 # %%
-houlsby = get_peft_model(copy.deepcopy(model), AdapterConfig(bottleneck_size=32, placement="houlsby"))
-pfeiffer = get_peft_model(copy.deepcopy(model), AdapterConfig(bottleneck_size=32, placement="pfeiffer"))
-for name, peft_model, per_block in (("houlsby", houlsby, 2), ("pfeiffer", pfeiffer, 1)):
+houlsby = get_peft_model(copy.deepcopy(model), AdapterConfig(bottleneck_size=BOTTLENECK, placement="houlsby"))
+pfeiffer = get_peft_model(copy.deepcopy(model), AdapterConfig(bottleneck_size=BOTTLENECK, placement="pfeiffer"))
+for name, peft_model in (("houlsby", houlsby), ("pfeiffer", pfeiffer)):
     print(f"{name:9s}", end=" ")
     peft_model.print_trainable_parameters()
-    assert peft_model.num_parameters(trainable_only=True) == per_block * L * (2 * D * 32 + 32 + D)
+    assert peft_model.num_parameters(trainable_only=True) == len(PLACEMENTS[name]) * L * n_params  # = ours
 with torch.no_grad():
     assert torch.equal(houlsby(ids).logits, base_logits)  # identity at init
     with lib.disable_adapter():
@@ -204,9 +205,10 @@ except ValueError as e:
 # * **At init the adapter's Jacobian is the identity** ($W_{\text{up}} = 0$), so every base weight gets exactly
 #   the gradient it gets in full fine-tuning of the plain model. We unfreeze the base of an adapted model and
 #   compare. A consequence: at the first step only $W_{\text{up}}$ and $b_{\text{up}}$ get gradient;
-#   $\partial L / \partial W_{\text{down}}$ is exactly zero, and
-#   $\partial L / \partial W_{\text{up}} = \sum_t g_t z_t^\top$, with $g_t$ the gradient arriving at the
-#   adapter's output and $z_t = f(W_{\text{down}} h_t + b_{\text{down}})$.
+#   $\partial L / \partial W_{\text{down}}$ is exactly zero (the gradient reaches $W_{\text{down}}$ only through
+#   $W_{\text{up}} = 0$), and $\partial L / \partial W_{\text{up}}$ is a sum over tokens built from $g_t$, the
+#   gradient arriving at the adapter's output, and $z_t = f(W_{\text{down}} h_t + b_{\text{down}})$, its
+#   bottleneck activation (exercise 3 asks you for it, checked against autograd).
 # * **With non-zero adapters**, their gradients match central finite differences
 #   ($\frac{f(p + \epsilon u) - f(p - \epsilon u)}{2\epsilon}$ along random directions $u$), with a smooth
 #   activation (at ReLU's kink a finite difference is not a derivative).
@@ -218,10 +220,7 @@ full = copy.deepcopy(m64).requires_grad_(True)
 full(batch, labels=batch).loss.backward()
 
 adapted = get_peft_model(copy.deepcopy(m64), AdapterConfig(bottleneck_size=16, placement="houlsby"))
-captured = {}  # for one adapter: z (its bottleneck activation) and g (the gradient at its output)
 first = adapted.base_model.model.layers[0].mlp.down_proj
-first.adapter_act["default"].register_forward_hook(lambda m, i, out: captured.update(z=out))
-first.register_full_backward_hook(lambda m, gin, gout: captured.update(g=gout[0]))
 for p in adapted.parameters():
     p.requires_grad_(True)  # base included, only for this comparison
 adapted(batch, labels=batch).loss.backward()
@@ -236,13 +235,12 @@ print(f"base gradients, adapted (at init) vs full fine-tuning: max relative erro
 assert worst < 1e-12
 
 down, up = first.adapter_down["default"], first.adapter_up["default"]
-expected_up = torch.einsum("ntd,ntk->dk", captured["g"], captured["z"])  # sum over tokens of g z^T
 print(
     f"dL/dW_down: max |.| = {down.weight.grad.abs().max().item()}; "
-    f"dL/dW_up vs sum_t g_t z_t^T: relative error {rel_err(up.weight.grad, expected_up):.1e}"
+    f"dL/dW_up: max |.| = {up.weight.grad.abs().max().item():.1e}"
 )
 assert torch.all(down.weight.grad == 0) and torch.all(down.bias.grad == 0)
-assert rel_err(up.weight.grad, expected_up) < 1e-12
+assert up.weight.grad.abs().max() > 0 and up.bias.grad.abs().max() > 0
 
 # %%
 torch.manual_seed(0)
@@ -298,8 +296,15 @@ for name, m in variants.items():
         f"{linear_calls[name]:3d} Linear calls per forward"
     )
 extra_flops_per_token = flops["Houlsby"] - flops["base"]
-assert extra_flops_per_token == L * 2 * (4 * D * 32)  # two adapters per block, 4Db each
+assert extra_flops_per_token == L * 2 * (4 * D * BOTTLENECK)  # two adapters per block, 4Db each
 assert flops["LoRA merged"] == flops["base"] and linear_calls["LoRA merged"] == linear_calls["base"]
+extra_calls = {n: linear_calls[n] - linear_calls["base"] for n in variants}
+assert extra_calls["Pfeiffer"] == L * 2 and extra_calls["Houlsby"] == L * 4  # two Linear calls per adapter
+assert extra_calls["LoRA unmerged"] == L * 7 * 2  # A and B on each of the 7 projections of a block
+# The same two adapters per block in a Llama-7B-sized block (D = 4096, MLP 11008, 4 square attention projections)
+D7, F7 = 4096, 11008
+share_7b = 2 * 4 * D7 * BOTTLENECK / (2 * (4 * D7 * D7 + 3 * D7 * F7))
+print(f"Houlsby with b = {BOTTLENECK} in a Llama-7B-sized block: +{share_7b:.2%} FLOPs (without attention scores)")
 
 
 # %%
@@ -319,7 +324,7 @@ def median_times(fns, repeats):
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
-repeats = 10 if FAST else 50
+repeats = 10 if FAST else 30
 prompt = torch.randint(0, model.config.vocab_size, (1, 64), device=DEVICE)
 prefill_ids = torch.randint(0, model.config.vocab_size, (8, 128), device=DEVICE)
 with torch.inference_mode():
@@ -332,7 +337,10 @@ with torch.inference_mode():
     prefill = median_times({n: lambda m=m: m(prefill_ids) for n, m in variants.items()}, max(3, repeats // 5))
 latency = {n: (decode[n], prefill[n]) for n in variants}
 for n, (dec, pre) in latency.items():
-    print(f"{n:14s} decode step {dec * 1e3:6.2f} ms   prefill of 8 x 128 tokens {pre * 1e3:7.1f} ms")
+    print(
+        f"{n:14s} decode step {dec * 1e3:6.2f} ms ({dec / decode['base'] - 1:+6.1%})   prefill of 8 x 128 tokens "
+        f"{pre * 1e3:7.1f} ms ({pre / prefill['base'] - 1:+6.1%})   FLOPs {flops[n] / flops['base'] - 1:+6.2%}"
+    )
 
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
 for ax, k, title in ((axes[0], 0, "decode step (1 token)"), (axes[1], 1, "prefill (8 x 128 tokens)")):
@@ -346,23 +354,27 @@ plt.show()
 
 
 # %% [markdown]
-# Read the two panels side by side. The FLOPs grow by a few percent (here $b = 32$ is large next to $D = 256$; in
-# a 4096-wide model the same adapter adds well under 1%), yet the decode step slows down by several times that,
-# more for Houlsby (20 extra `Linear` calls) than for Pfeiffer (10). In the prefill the matmuls are big, the fixed
+# Read the printed percentages and the two panels side by side. The FLOPs grow by a few percent (here
+# $b = 64$ is large next to $D = 256$; the FLOP cell printed what the same adapters add to a Llama-7B-sized
+# block: well under 1%). At decode each extra `Linear` call costs a roughly fixed overhead whatever its size:
+# Houlsby adds 20 calls per forward, Pfeiffer 10 (both asserted above), so expect the decode step to slow down
+# by more than the FLOP ratio, more for Houlsby than for Pfeiffer. In the prefill the matmuls are big, the fixed
 # cost per operation is amortised, and the overhead shrinks towards the FLOP ratio. Unmerged LoRA on all seven
-# projections is the slowest of all at decode (70 extra small matmuls); merged, it costs exactly nothing, and that
-# is the difference: the adapters' cost cannot be merged away. (On an idle 2-core CPU we measured a decode step
-# about 10% slower for Pfeiffer and 15-20% for Houlsby, against +1.7% and +3.5% FLOPs. Timings on a busy machine are noisy: rerun
-# the cell, and it is the ranking, not the exact numbers, that stays. On a GPU a decode step is a string of tiny
-# kernel launches, and the same reasoning applies.)
+# projections adds the most calls of all (70); merged, it costs exactly nothing, and that is the difference: the
+# adapters' cost cannot be merged away. Timings on a shared or busy machine are noisy: rerun the cell; the
+# executed notebook shows one run on a shared 2-core CPU. On a GPU a decode step is a string of tiny kernel
+# launches, and the same reasoning applies.
 #
 # ## 6. Train Houlsby and Pfeiffer
 #
-# Same bottleneck, same data, same settings. Houlsby has twice the parameters and twice the insertion points.
+# Same bottleneck, same data, and the training budget of lessons 02-08: `minipeft finetune`'s (`STEPS` steps of
+# `BATCH` x `SEQ_LEN` tokens, its learning rate for adapters, `lr("adapter")`, 5% warmup, gradients clipped to
+# norm 1, the loss on `VAL_BATCHES` held-out batches), so the held-out losses compare with the other lessons'.
+# Houlsby has twice the parameters and twice the insertion points.
 
 
 # %%
-def finetune(placement, bottleneck=32):
+def finetune(placement, bottleneck=BOTTLENECK):
     torch.manual_seed(0)
     base, _ = load_pretrained(MODEL, device=DEVICE)
     peft_model = get_peft_model(base, AdapterConfig(bottleneck_size=bottleneck, placement=placement))
@@ -370,9 +382,9 @@ def finetune(placement, bottleneck=32):
     cfg = TrainConfig(
         steps=STEPS,
         batch_size=BATCH,
-        lr=LR,
-        warmup_steps=max(1, STEPS // 10),
-        eval_every=max(1, STEPS // (3 if FAST else 6)),
+        lr=lr("adapter"),
+        warmup_ratio=0.05,
+        eval_every=max(1, STEPS // 3),
         eval_batches=VAL_BATCHES,
         progress=False,
     )
@@ -397,12 +409,16 @@ ax.legend()
 plt.show()
 for placement, (_, before, metrics) in runs.items():
     assert metrics["val_loss"] < before, placement
+gain = {p: before - metrics["val_loss"] for p, (_, before, metrics) in runs.items()}
+print(f"Pfeiffer's improvement is {gain['pfeiffer'] / gain['houlsby']:.0%} of Houlsby's, with half the parameters")
+if not FAST:  # what the full budget shows (a few fast-mode steps are too few to tell)
+    assert 0.5 < gain["pfeiffer"] / gain["houlsby"] < 1
 
 # %% [markdown]
-# With the full settings (300 steps) Houlsby ends a little lower (3.98 against 4.02 in our run), and Pfeiffer gets
-# about 90% of Houlsby's improvement with half the parameters and half the latency cost: Pfeiffer et al.'s point,
-# on a small scale. (At a three times larger learning rate Houlsby reaches its best sooner and then overfits the
-# 24k training tokens: try `LR = 3e-3`.)
+# With this budget Houlsby ends lower, and Pfeiffer gets most of Houlsby's improvement (the share is printed, and
+# asserted between a half and all of it in full mode) with half the parameters and half the latency cost:
+# Pfeiffer et al.'s point, on a small scale. The held-out losses are those of `minipeft finetune --method adapter`
+# (Houlsby, b = 64) and compare directly with the other methods' in lessons 02-08.
 #
 # ## 7. Look at it
 #
@@ -487,54 +503,59 @@ with tempfile.TemporaryDirectory() as d:
 #   the freezing, counting, saving and loading.
 #
 # ## Exercises
+#
+# Each exercise is a function to write: replace `raise NotImplementedError` with your code and run the cell
+# below it, which checks your function against the library (or autograd) on its own inputs: "correct", or what
+# differs.
 
 # %% [markdown]
-# **Exercise 1.** How many trainable parameters does `AdapterConfig(bottleneck_size=16, placement="pfeiffer")`
-# add to this model? Use the closed form.
+# **Exercise 1.** A bottleneck adapter as a plain function of its four tensors, ReLU in the middle. With
+# $W_{\text{up}} = 0$ and $b_{\text{up}} = 0$ it must give back $h$ exactly.
 
 # %%
-answer_1 = None  # your code: an int, from D and L
+from exercises.l03 import check_adapter_forward, check_adapter_param_count, check_up_grad_at_init
+
+
+def adapter_forward(h, w_down, b_down, w_up, b_up):
+    """a(h) for h (B, T, D), w_down (b, D), b_down (b,), w_up (D, b), b_up (D,) -> (B, T, D).
+
+    Hint: nn.Linear(x) is x @ W.T + bias; the adapter keeps its own skip connection."""
+    raise NotImplementedError  # your code
+
 
 # %%
-# check exercise 1
-if answer_1 is None:
-    print("exercise 1: not answered yet")
-elif answer_1 == get_peft_model(load_pretrained(MODEL)[0], AdapterConfig(16, "pfeiffer")).num_parameters(
-    trainable_only=True
-):
-    print("exercise 1: right!")
-else:
-    print("exercise 1: not quite. One adapter per block: two weight matrices and two bias vectors.")
+exercise("adapter_forward", adapter_forward, check_adapter_forward)
 
 # %% [markdown]
-# **Exercise 2.** At init ($W_{\text{up}} = 0$), which of an adapter's four tensors get a **non-zero** gradient
-# in the first backward? Give a set of names from `"adapter_down.weight"`, `"adapter_down.bias"`,
-# `"adapter_up.weight"`, `"adapter_up.bias"`.
+# **Exercise 2.** The closed form: how many trainable parameters does `AdapterConfig(bottleneck_size=b,
+# placement=...)` add to a model of hidden size $D$ with $L$ blocks? The check compares with
+# `get_peft_model(...).num_parameters(trainable_only=True)` on small models.
+
 
 # %%
-answer_2 = None  # your code: a set of names
+def adapter_param_count(D, L, b, placement):
+    """-> an int: the trainable parameters of bottleneck adapters of size b, placement "houlsby" or "pfeiffer".
+
+    Hint: count one adapter's tensors (shapes in section 1), then the adapters per block."""
+    raise NotImplementedError  # your code
+
 
 # %%
-# check exercise 2
-if answer_2 is None:
-    print("exercise 2: not answered yet")
-elif set(answer_2) == {"adapter_up.weight", "adapter_up.bias"}:
-    print("exercise 2: right!")
-else:
-    print("exercise 2: not quite. What does the gradient have to pass through to reach W_down?")
+exercise("adapter_param_count", adapter_param_count, check_adapter_param_count)
 
 # %% [markdown]
-# **Exercise 3.** Extra matmul FLOPs per token of **Pfeiffer** adapters with bottleneck 64 on this model (count a
-# (m, k) @ (k, n) product as 2mkn). Check your formula against section 5's measurement method if you like.
+# **Exercise 3.** Section 4's gradient: for an adapter (at init or not), write $\partial L / \partial W_{\text{up}}$
+# from $g$, the gradient arriving at the adapter's output, and $z$, its bottleneck activation. The check takes
+# both from a real backward pass and compares with autograd's gradient.
+
 
 # %%
-answer_3 = None  # your code: an int
+def up_grad_at_init(g, z):
+    """g (B, T, D) = dL/d(output of the adapter), z (B, T, b) = relu(h W_down^T + b_down) -> dL/dW_up (D, b).
+
+    Hint: W_up's output at one token is W_up z_t; every row and every token contributes."""
+    raise NotImplementedError  # your code
+
 
 # %%
-# check exercise 3
-if answer_3 is None:
-    print("exercise 3: not answered yet")
-elif answer_3 == L * 4 * D * 64:
-    print("exercise 3: right!")
-else:
-    print("exercise 3: not quite. Per adapter and token: down is D -> b, up is b -> D, each 2 * D * b.")
+exercise("up_grad_at_init", up_grad_at_init, check_up_grad_at_init)

@@ -34,6 +34,8 @@
 # **What you need first.** Lesson 00: attention with grouped key/value heads ($K$ kv heads of size $h_d$),
 # rotary positions, and the KV cache (`past_key_values`: a list over layers of `(k, v)`, each
 # (B, K, S, $h_d$)). Lesson 02 for `get_peft_model`.
+#
+# Runs in about RUNTIME minutes on a 2-core CPU (measured, full mode); the tests run it in a shorter mode.
 
 # %%
 import os
@@ -41,10 +43,10 @@ import time
 
 import matplotlib.pyplot as plt
 import torch
+from common import BATCH, DEVICE, FAST, SEQ_LEN, STEPS, VAL_BATCHES, exercise, lr
 
-FAST = os.environ.get("MINIPEFT_FAST", "") not in ("", "0")  # the tests set it: fewer steps, the same cells
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU, when there is one, gets bigger settings
 MODEL = "tiny-shakespeare"
+VIRTUAL_TOKENS = 20  # P when training: `minipeft finetune --method prefix`'s default (--virtual-tokens)
 torch.manual_seed(0)
 print(f"device: {DEVICE}, fast: {FAST}, torch {torch.__version__}")
 
@@ -61,20 +63,17 @@ from minipeft.peft import PeftModel, get_peft_model
 from minipeft.prefix import PrefixTuningConfig
 from minipeft.train import TrainConfig, evaluate, train
 
-# The sonnets hold ~24k training tokens: a GPU gets longer blocks, not more epochs (that would only overfit).
-if DEVICE == "cuda":
-    STEPS, SEQ_LEN, BATCH, VAL_BATCHES = 300, 128, 8, None
-elif FAST:
-    STEPS, SEQ_LEN, BATCH, VAL_BATCHES = 15, 64, 8, 3
-else:
-    STEPS, SEQ_LEN, BATCH, VAL_BATCHES = 300, 64, 8, None
-
 model, tok = load_pretrained(MODEL)
 m64, _ = load_pretrained(MODEL, dtype=torch.float64)  # for the exact checks
 train_data, val_data = load_text_dataset(ASSETS / "data" / "sonnets.txt", tok, SEQ_LEN)
 cfg = model.config
 L, K, hd = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
 print(f"{MODEL}: L = {L} layers, K = {K} kv heads of hd = {hd} (and {cfg.num_attention_heads} query heads)")
+# The training budget of lessons 02-08 (`minipeft finetune`'s): STEPS steps of BATCH blocks of SEQ_LEN tokens
+print(
+    f"sonnets: {len(train_data)} training blocks of {SEQ_LEN} tokens = {train_data.num_tokens():,} tokens; "
+    f"{STEPS} steps x {BATCH} blocks = {STEPS * BATCH / len(train_data):.1f} passes over them"
+)
 
 # %% [markdown]
 # ## 1. A KV cache is a prefix
@@ -212,8 +211,8 @@ assert err < 1e-12
 
 # %%
 init_text = "Sonnet. From fairest creatures we desire increase, that thereby beauty's rose might never die"
-init_ids = torch.tensor([tok.encode(init_text)])
-P_TRAIN = init_ids.size(1)
+P_TRAIN = VIRTUAL_TOKENS
+init_ids = torch.tensor([tok.encode(init_text)[:P_TRAIN]])  # its first P_TRAIN tokens
 
 
 def real_word_table(model_, ids_):  # the cache of real tokens, in the table layout (P, L*2*K*hd)
@@ -245,6 +244,8 @@ with torch.no_grad():
             f"val loss {pm(val_batch, labels=val_batch).loss.item():.3f}"
         )
     print(f"{'no prefix':13s}: val loss {model(val_batch, labels=val_batch).loss.item():.3f}")
+    mlp_rms = make("MLP", "cpu").prompt_encoder["default"].prefix().pow(2).mean().sqrt().item()
+assert mlp_rms < real_rms / 2  # the MLP's prefix starts small: its values mix little into the real tokens
 
 # %% [markdown]
 # One more instrument before training: how much attention the real tokens pay to the prefix, layer by layer.
@@ -279,11 +280,14 @@ def prefix_attention(peft_model, ids, P):
 # %% [markdown]
 # ## 5. Train the three
 #
-# Same data, same steps. The two tables share a learning rate; the MLP gets a ten times smaller one (each of its
-# weights moves every row of the table at once; at the tables' learning rate it trains clearly worse: try it).
+# Same data and the training budget of lessons 02-08: `minipeft finetune`'s (`STEPS` steps of `BATCH` x `SEQ_LEN`
+# tokens, 5% warmup, gradients clipped to norm 1, the loss on `VAL_BATCHES` held-out batches), so the held-out
+# losses compare with the other lessons'. The two tables train at finetune's learning rate for prefix tuning,
+# `lr("prefix")`; the MLP gets a ten times smaller one, because each of its weights moves every row of the table
+# at once, and at the tables' rate its loss goes up instead of down (try it: set `LRS["MLP"] = lr("prefix")`).
 
 # %%
-LRS = {"random table": 3e-2, "MLP": 3e-3, "real words": 3e-2}
+LRS = {"random table": lr("prefix"), "MLP": lr("prefix") / 10, "real words": lr("prefix")}
 
 
 def finetune(variant):
@@ -294,8 +298,8 @@ def finetune(variant):
         steps=STEPS,
         batch_size=BATCH,
         lr=LRS[variant],
-        warmup_steps=max(1, STEPS // 10),
-        eval_every=max(1, STEPS // (2 if FAST else 6)),
+        warmup_ratio=0.05,
+        eval_every=max(1, STEPS // 3),
         eval_batches=VAL_BATCHES,
         progress=False,
     )
@@ -324,17 +328,28 @@ ax.legend()
 plt.show()
 for v, (_, before, metrics) in runs.items():
     assert metrics["val_loss"] < before, v
+final = {v: metrics["val_loss"] for v, (_, _, metrics) in runs.items()}
+n_trainable = {v: runs[v][0].num_parameters(trainable_only=True) for v in runs}
+print(
+    f"no prefix: {no_prefix:.3f}; the three end within {max(final.values()) - min(final.values()):.3f} of each "
+    f"other; the MLP trains {n_trainable['MLP'] / n_trainable['random table']:.1f} times the table's parameters"
+)
+assert runs["random table"][1] > no_prefix  # a random prefix starts worse than no prefix at all
+if not FAST:  # what the full budget shows (a few fast-mode steps are too few to separate the curves)
+    assert all(loss < no_prefix for loss in final.values())
+    assert max(final.values()) - min(final.values()) < 0.1
 
 # %% [markdown]
-# How to read it (the numbers are from the full run; fast mode is too short to separate the curves). The
-# **random table** starts far off, worse than no prefix at all: random keys and values of about the model's own
-# scale draw 40-55% of every layer's attention (section 6 shows it) and mix noise into every token; its first
-# steps are spent getting back. The **MLP**'s prefix draws a third of the attention too, but its values are
-# small (RMS 0.27), so it mixes in little and starts near the model without a prefix. The **real-word** prefix
-# starts where a real prompt would. After 300 steps the three end within a few hundredths of each other, the MLP
-# lowest, with five times the trainable parameters (thrown away after training). At this scale the starting
-# point and the learning rate matter more than the parameterisation; Li & Liang saw the instability on much larger
-# models, so treat "the MLP helps" as something to measure on your problem, not to assume.
+# How to read it (full mode; fast mode is too short to separate the curves). The **random table** starts far off,
+# worse than no prefix at all (asserted): random keys and values of about the model's own scale (the RMS printed
+# before training) draw a large share of every layer's attention (section 6 prints it, layer by layer) and mix
+# noise into every token; its first steps are spent getting back. The **MLP**'s prefix draws a share of the
+# attention too, but its values are small (its RMS, printed, is under half the model's own: asserted), so it mixes
+# in little and starts near the model without a prefix. The **real-word** prefix starts where a real prompt
+# would. After the budget the three end close together and all below the model without a prefix (both asserted
+# in full mode), the MLP with several times the trainable parameters (printed; thrown away after training). At
+# this scale the starting point matters more than the parameterisation; Li & Liang saw the instability on much
+# larger models, so treat "the MLP helps" as something to measure on your problem, not to assume.
 #
 # ## 6. Look at it
 #
@@ -391,68 +406,49 @@ print("saved, loaded: same logits")
 # * A prefix is a **learned KV cache**: $P$ keys and values per layer, handed to the frozen model as
 #   `past_key_values`; the real tokens sit at positions $P, P+1, \dots$ and the prefix keys are used as stored.
 # * Set to the cache of real tokens $p$, it reproduces the model on $[p; x]$ **exactly**; its gradient is the
-#   model's gradient with respect to its cache (checked to ~1e-15 in float64).
+#   model's gradient with respect to its cache (checked in float64: the relative error printed in section 3).
 # * **Reparameterisation** (an MLP producing the table) changes the optimisation geometry, not the model; after
-#   training only the table is kept. The starting point (random, MLP, real words) mattered most here.
+#   training only the table is kept. Here the starting points differed far more than where the three ended.
 # * It lives in **`minipeft/prefix.py`** (`PrefixTuningConfig`, `PrefixEncoder`), in HF PEFT's table layout.
 #
 # ## Exercises
+#
+# Each exercise is a function to write: replace `raise NotImplementedError` with your code and run the cell
+# below it, which checks your function against the library on its own inputs: "correct", or what differs.
 
 # %% [markdown]
-# **Exercise 1.** How many trainable parameters does `PrefixTuningConfig(num_virtual_tokens=10)` (no MLP) have
-# on this model?
+# **Exercise 1.** The reparameterisation of section 4, by hand: the table from the embedding and the MLP's four
+# tensors, viewed as $(P, 2L, K, h_d)$: virtual token, then layer $i$'s key at $2i$ and its value at $2i + 1$, then
+# kv head. The check compares with the library's `PrefixEncoder` (`prefix_projection=True`) on a small model, and
+# pulls a gradient back through your table to the embedding.
 
 # %%
-answer_1 = None  # your code: an int
+from exercises.l04 import check_cache_to_table, check_prefix_table
+
+
+def prefix_table(embedding, w1, b1, w2, b2, L, K):
+    """embedding (P, K*hd), w1 (E, K*hd), b1 (E,), w2 (L*2*K*hd, E), b2 (L*2*K*hd,) -> (P, 2L, K, hd).
+
+    Hint: PEFT's PrefixEncoder is Linear, tanh, Linear; then one view of the (P, L*2*K*hd) table."""
+    raise NotImplementedError  # your code
+
 
 # %%
-# check exercise 1
-if answer_1 is None:
-    print("exercise 1: not answered yet")
-elif answer_1 == 10 * L * 2 * K * hd:
-    print("exercise 1: right!")
-else:
-    print("exercise 1: not quite. One key and one value per layer, per kv head, per virtual token.")
+exercise("prefix_table", prefix_table, check_prefix_table)
 
 # %% [markdown]
-# **Exercise 2.** With a prefix of $P$ virtual tokens, at which rotary **position** does the first real token
-# sit? (Section 1 answers it for a real cache.)
+# **Exercise 2.** Turn the KV cache of real tokens $p$ into the library's table, so that the prefix model on $x$
+# is exactly the model on $[p; x]$ (section 3 did it from our `(L, 2, K, P, hd)` tensor; here you start from the
+# cache itself). The check loads your table into a small float64 model's prefix and compares logits.
+
 
 # %%
-P_ex = 7
-answer_2 = None  # your code: an int, for a prefix of P_ex virtual tokens
+def cache_to_table(cache):
+    """cache: a list over L layers of (k, v), each (1, K, P, hd) -> the table (P, L * 2 * K * hd).
+
+    Hint: stack into (L, 2, K, P, hd) first; the table's row j is virtual token j, laid out [L, 2, K, hd]."""
+    raise NotImplementedError  # your code
+
 
 # %%
-# check exercise 2
-if answer_2 is None:
-    print("exercise 2: not answered yet")
-elif answer_2 == P_ex:
-    print("exercise 2: right!")
-else:
-    print("exercise 2: not quite. The model numbers new tokens from the length of the cache.")
-
-# %% [markdown]
-# **Exercise 3.** Build the table (shape `(P, L * 2 * K * hd)`, float64) for the text `"ROMEO:"` so that the
-# library reproduces the model on `["ROMEO:"; x]`. The check loads it into a fresh float64 prefix model and
-# compares logits.
-
-# %%
-romeo = torch.tensor([tok.encode("ROMEO:")])
-answer_3 = None  # your code: a (romeo.size(1), L * 2 * K * hd) float64 tensor
-
-# %%
-# check exercise 3
-if answer_3 is None:
-    print("exercise 3: not answered yet")
-else:
-    check_model = get_peft_model(copy.deepcopy(m64), PrefixTuningConfig(num_virtual_tokens=romeo.size(1)))
-    with torch.no_grad():
-        check_model.prompt_encoder["default"].embedding.weight.copy_(answer_3)
-        ok = torch.allclose(
-            check_model(x_ids).logits, m64(torch.cat([romeo, x_ids], 1)).logits[:, romeo.size(1) :], atol=1e-9
-        )
-    print(
-        "exercise 3: right!"
-        if ok
-        else "exercise 3: not quite. Take the cache of romeo and permute (L, 2, K, P, hd) to (P, L, 2, K, hd)."
-    )
+exercise("cache_to_table", cache_to_table, check_cache_to_table)
