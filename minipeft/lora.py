@@ -21,7 +21,9 @@ on one base. Saved keys follow PEFT: `<module>.lora_A.weight`, `<module>.lora_B.
 `<module>.lora_magnitude_vector` (the adapter name is stripped in the file).
 """
 
+import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -46,7 +48,9 @@ class LoraConfig(PeftConfig):
     target_modules: tuple | list | str | None = ("q_proj", "v_proj")
     use_rslora: bool = False
     use_dora: bool = False
-    init_lora_weights: bool | str = True  # True: PEFT's init (B = 0); "gaussian": A ~ N(0, 1/r); False: A, B random
+    # True: PEFT's init (B = 0); "gaussian": A ~ N(0, 1/r); False: A, B random; "pissa", "pissa_niter_K", "olora":
+    # A and B from the weight itself (start_from_weight), the base weight rewritten so that the model starts unchanged
+    init_lora_weights: bool | str = True
     bias: str = "none"
     modules_to_save: list | None = None
     fan_in_fan_out: bool = False  # PEFT's flag for Conv1D-style (in, out) weights; our Linears are (out, in)
@@ -60,8 +64,12 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.lora_alpha <= 0:
             raise ValueError(f"LoraConfig.lora_alpha must be positive, got {self.lora_alpha!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+        init = self.init_lora_weights
+        if init not in (True, False, "gaussian", "pissa", "olora") and not re.fullmatch(r"pissa_niter_\d+", str(init)):
+            raise ValueError(
+                "init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_K' (K an integer) or "
+                f"'olora', got {init!r}"
+            )
         if self.bias != "none":
             raise ValueError(f"only bias='none' is supported (biases stay frozen), got {self.bias!r}")
         if self.modules_to_save:
@@ -76,6 +84,25 @@ class LoraConfig(PeftConfig):
     @property
     def scaling(self):
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def for_shapes(self):
+        """A copy that creates the same weights without touching the model (peft.py's dry run before a load)."""
+        return dataclasses.replace(self, init_lora_weights=True)
+
+    def relative_to_initial(self, state, initial_config, initial_state):
+        """PiSSA/OLoRA saved as a plain LoRA on the ORIGINAL weight (PEFT's conversion): the model computes
+        W_res + s B A = W - s B0 A0 + s B A, so its update of W is s (B A - B0 A0) = s [B, -B0] [A; A0], a LoRA of
+        rank 2r with the same scaling (alpha doubled; times sqrt(2) with rsLoRA). -> (config, state)."""
+        if self.use_dora:
+            raise ValueError("a DoRA adapter cannot be saved relative to the initial weights (its magnitude is not a LoRA)")
+        if initial_config.r != self.r or set(initial_state) != set(state):
+            raise ValueError("the initial adapter does not match this one (its rank or its keys differ)")
+        out = {}
+        for key, t in state.items():
+            t0 = initial_state[key].to(t)
+            out[key] = torch.cat([t, t0], 0) if "lora_A" in key else torch.cat([t, -t0], 1)
+        alpha = self.lora_alpha * (math.sqrt(2) if self.use_rslora else 2)
+        return dataclasses.replace(self, r=2 * self.r, lora_alpha=alpha, init_lora_weights=True), out
 
     @classmethod
     def combined(cls, configs, combination_type, svd_rank=None):
@@ -128,10 +155,42 @@ class LoraLayer(TunerLayer):
             nn.init.normal_(self.lora_A[name].weight, std=1 / config.r)
         if config.init_lora_weights is not False:  # False keeps nn.Linear's random init for B too, as PEFT
             nn.init.zeros_(self.lora_B[name].weight)
+        if str(config.init_lora_weights).startswith(("pissa", "olora")):
+            self.start_from_weight(name, config.init_lora_weights)
         if config.use_dora:
             with torch.no_grad():
                 m = self.weight_norm(name).to(kw["dtype"])
             self.lora_magnitude_vector[name] = nn.Parameter(m)
+
+    def start_from_weight(self, name, how):
+        """PiSSA (Meng et al. 2024) and OLoRA (Büyükakyüz 2024): B A starts as the weight's own principal part, and
+        the base weight becomes the rest, W_res = W - s B A, so the model still computes W at step 0.
+            PiSSA:  W = U S V^T;  A = sqrt(S_r / s) V_r^T  (r, in),  B = U_r sqrt(S_r / s)  (out, r): s B A = U_r S_r V_r^T
+                    ("pissa_niter_K": U_r, S_r, V_r from torch.svd_lowrank with K iterations, random but fast)
+            OLoRA:  W = Q R;  A = R_r  (first r rows),  B = Q_r  (first r columns)
+        Computed in float32 at least (float64 stays float64). Singular vectors and QR are unique only up to the sign
+        of each pair (u_i, v_i), (q_i, r_i): B A and W_res are unique, A and B up to those signs."""
+        if not isinstance(self.base_layer, nn.Linear):
+            raise ValueError(
+                f"init_lora_weights={how!r} rewrites the base weight, so it needs a full-precision base, not a "
+                f"{type(self.base_layer).__name__} (quantize after the init, or use init_lora_weights=True)"
+            )
+        W, A, B, s = self.base_layer.weight, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+        w, r = W.detach().to(torch.float32 if W.dtype in HALF else W.dtype), A.size(0)
+        if how == "olora":
+            Q, R = torch.linalg.qr(w)  # (out, k), (k, in)
+            new_B, new_A = Q[:, :r], R[:r]
+        else:
+            if how == "pissa":
+                U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+            else:  # pissa_niter_K
+                U, S, V = torch.svd_lowrank(w, q=r, niter=int(how.split("_niter_")[1]))
+                Vh = V.T
+            root = (S[:r] / s).sqrt()  # sqrt(S_r / s): s B A = U_r diag(S_r) V_r^T
+            new_A, new_B = root[:, None] * Vh[:r], U[:, :r] * root[None, :]
+        with torch.no_grad():
+            A.copy_(new_A), B.copy_(new_B)
+            W.copy_(w - s * new_B @ new_A)  # W_res
 
     def delta_weight(self, name):  # s * B @ A: (out, in)
         return self.scaling[name] * self.lora_B[name].weight @ self.lora_A[name].weight

@@ -19,6 +19,7 @@ error, never a silently different adapter.
 """
 
 import abc
+import copy
 import math
 import re
 import types
@@ -104,6 +105,11 @@ class PeftConfig(abc.ABC):
         if cls is not PeftConfig and not isinstance(config, cls):
             raise ValueError(f"{path} holds a {type(config).__name__} ({config.peft_type}), not a {cls.__name__}")
         return config
+
+    def for_shapes(self):
+        """A copy of this config that creates the same weights without touching the model: what peft.py's dry run
+        (the shapes of a load, on fake tensors) attaches. A method whose init rewrites the model overrides it."""
+        return copy.deepcopy(self)
 
     @abc.abstractmethod
     def attach(self, model, adapter_name, tokenizer=None):

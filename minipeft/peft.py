@@ -430,21 +430,33 @@ class PeftModel(nn.Module):
         return self.base_model
 
     # ----- saving and loading -----
-    def save_pretrained(self, save_directory, selected_adapters=None):
+    def save_pretrained(self, save_directory, selected_adapters=None, path_initial_model_for_weight_conversion=None):
         """Each adapter's two files (default in save_directory, others in save_directory/<name>/), the whole folder
-        replaced atomically; anything else already in it (a README, other adapters) is kept."""
+        replaced atomically; anything else already in it (a README, other adapters) is kept.
+
+        path_initial_model_for_weight_conversion (PEFT's name): an adapter whose init rewrote the base weights
+        (LoRA's "pissa", "olora") is saved relative to the ORIGINAL base instead, given the adapter as it was saved
+        right after its init: the method's config says how (LoraConfig.relative_to_initial)."""
         selected = list(selected_adapters or self.adapters)
         if unknown := [n for n in selected if n not in self.peft_config]:
             raise ValueError(f"unknown adapters {unknown}; adapters: {self.adapters}")
+        if path_initial_model_for_weight_conversion is not None:
+            initial_config = load_config(path_initial_model_for_weight_conversion)
+            initial_state = read_safetensors(os.path.join(path_initial_model_for_weight_conversion, SAFETENSORS_NAME))
         with replace_dir(save_directory) as tmp:
             for name in selected:
                 d = tmp if name == "default" else tmp / name
                 d.mkdir(exist_ok=True)
-                save_file(self.adapter_state_dict(name), d / SAFETENSORS_NAME, {"format": "pt"})
+                config, state = self.peft_config[name], self.adapter_state_dict(name)
+                if path_initial_model_for_weight_conversion is not None:
+                    if not hasattr(config, "relative_to_initial"):
+                        raise ValueError(f"{config.peft_type} adapters have no weight conversion to save")
+                    config, state = config.relative_to_initial(state, initial_config, initial_state)
+                save_file(state, d / SAFETENSORS_NAME, {"format": "pt"})
                 if name in self.prompt_encoder and hasattr(self.prompt_encoder[name], "raw_state"):
                     raw = {k: v.detach().contiguous() for k, v in self.prompt_encoder[name].raw_state().items()}
                     save_file(raw, d / RAW_NAME)
-                self.peft_config[name].save_pretrained(d)
+                config.save_pretrained(d)
 
     def adapter_state_dict(self, adapter_name):
         if adapter_name in self.prompt_encoder:
@@ -464,7 +476,7 @@ class PeftModel(nn.Module):
     def adapter_shapes(self, adapter_name, config, tokenizer=None):
         """The keys and shapes `config` would give this model, computed on fake tensors: no memory, no init."""
         with FakeTensorMode(allow_non_fake_inputs=True):
-            self.add_adapter(adapter_name, copy.deepcopy(config), tokenizer=tokenizer)
+            self.add_adapter(adapter_name, config.for_shapes(), tokenizer=tokenizer)
             try:
                 shapes = {k: tuple(v.shape) for k, v in self.adapter_state_dict(adapter_name).items()}
             finally:
