@@ -56,11 +56,13 @@ VARIANTS = {  # sweep name -> the `minipeft finetune` flags that make it
     "prefix": ["--method", "prefix"],
     "prompt": ["--method", "prompt"],
     "full": ["--method", "full"],
+    "ia3": ["--method", "ia3"],
 }
 ADAPTER_LRS = [1e-4, 3e-4, 1e-3, 3e-3]  # half-decade steps around the old 2e-3
 GRIDS = {m: ADAPTER_LRS for m in ("lora", "lora_all", "qlora", "dora", "adapter")}
 GRIDS |= {"prefix": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2], "prompt": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]}  # soft tokens: higher
 GRIDS["full"] = [1e-5, 3e-5, 1e-4, 3e-4]  # every weight moves: lower
+GRIDS["ia3"] = [1e-3, 3e-3, 1e-2, 3e-2]  # scales around 1 with few parameters: higher
 QUICK = dict(model="tiny-shakespeare", methods="lora,prompt", lrs="1e-3,3e-3", steps=3, eval_every=1, threads=1)
 
 

@@ -25,7 +25,7 @@ import torch
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_DATA = ASSETS / "data" / "sonnets.txt"
-METHODS = ("lora", "qlora", "full", "adapter", "prefix", "prompt")
+METHODS = ("lora", "qlora", "full", "adapter", "prefix", "prompt", "ia3")
 # The flags each method reads; any other method flag given with it is an error, not silently ignored.
 LORA_FLAGS = ("r", "alpha", "dropout", "targets", "rslora", "dora", "lora_plus")
 METHOD_FLAGS = {
@@ -35,6 +35,7 @@ METHOD_FLAGS = {
     "adapter": ("bottleneck", "placement"),
     "prefix": ("virtual_tokens", "prefix_projection"),
     "prompt": ("virtual_tokens", "init_text"),
+    "ia3": ("targets",),
 }
 FLAG_DEFAULTS = dict(r=8, alpha=16.0, dropout=0.0, targets="q_proj,v_proj", rslora=False, dora=False,
                      blocksize=64, no_double_quant=False, bottleneck=64, placement="houlsby", virtual_tokens=20,
@@ -50,6 +51,7 @@ METHOD_DEFAULTS = {
     "adapter": dict(lr=1e-3, steps=60),
     "prefix": dict(lr=1e-1, steps=60),  # a random prefix starts far above the base model (SmolLM2: 10.6 vs 4.6)
     "prompt": dict(lr=3e-1, steps=60),  # the paper's (Lester et al. 2021) learning rate, too
+    "ia3": dict(lr=3e-2, steps=60, targets="k_proj,v_proj,down_proj"),  # PEFT's targets; down_proj scales its input
 }
 MIXED_BATCH_HELP = """\
 several adapters on one base:
@@ -193,7 +195,7 @@ def build_parser():
     c.add_argument("--model", default="tiny-shakespeare")
     c.add_argument("--data", default=str(DEFAULT_DATA))
     c.add_argument("--methods", default="full,lora,dora,adapter,prefix,prompt,qlora",
-                   help="comma-separated: full, lora, dora, adapter, prefix, prompt, qlora (default: all)")  # fmt: skip
+                   help="comma-separated, of: full, lora, dora, adapter, prefix, prompt, qlora, ia3 (default: all but ia3)")  # fmt: skip
     c.add_argument("--steps", type=positive_int, default=None, help="default: each method's finetune default")
     c.add_argument("--batch-size", type=positive_int, default=8)
     c.add_argument("--seq-len", type=positive_int, default=128)
@@ -335,6 +337,12 @@ def build_peft_config(args):
 
         return PrefixTuningConfig(num_virtual_tokens=args.virtual_tokens, prefix_projection=args.prefix_projection,
                                   base_model_name_or_path=base)  # fmt: skip
+    if args.method == "ia3":
+        from .ia3 import IA3Config
+
+        targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
+        feedforward = [t for t in targets if t in ("down_proj", "mlp.down_proj")] if isinstance(targets, list) else None
+        return IA3Config(target_modules=targets, feedforward_modules=feedforward, base_model_name_or_path=base)
     from .prompt import PromptTuningConfig
 
     init = "TEXT" if args.init_text else "RANDOM"
@@ -417,7 +425,7 @@ def cmd_finetune(args):
         )
     if (
         config is not None
-        and args.method in ("lora", "qlora")
+        and args.method in ("lora", "qlora", "ia3")
         and (missing := unmatched_targets(model, config.target_modules))
     ):
         names = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})

@@ -24,6 +24,7 @@ METHODS = {  # compare's names -> finetune's flags
     "prefix": ["--method", "prefix"],
     "prompt": ["--method", "prompt"],
     "qlora": ["--method", "qlora"],
+    "ia3": ["--method", "ia3"],
 }
 
 

@@ -94,7 +94,9 @@ class LoraConfig(PeftConfig):
         W_res + s B A = W - s B0 A0 + s B A, so its update of W is s (B A - B0 A0) = s [B, -B0] [A; A0], a LoRA of
         rank 2r with the same scaling (alpha doubled; times sqrt(2) with rsLoRA). -> (config, state)."""
         if self.use_dora:
-            raise ValueError("a DoRA adapter cannot be saved relative to the initial weights (its magnitude is not a LoRA)")
+            raise ValueError(
+                "a DoRA adapter cannot be saved relative to the initial weights (its magnitude is not a LoRA)"
+            )
         if initial_config.r != self.r or set(initial_state) != set(state):
             raise ValueError("the initial adapter does not match this one (its rank or its keys differ)")
         out = {}

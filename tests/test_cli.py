@@ -305,7 +305,7 @@ def test_the_best_adapter_is_kept_and_the_last_beside_it(tmp_path, monkeypatch, 
     assert any(not torch.equal(last[k], kept[k]) for k in kept)
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora", "full", "adapter", "prefix", "prompt"])
+@pytest.mark.parametrize("method", ["lora", "qlora", "full", "adapter", "prefix", "prompt", "ia3"])
 def test_the_default_run_of_each_method_ends_below_where_it_started(tmp_path, method):
     """`minipeft finetune --method M` with every other default (60 steps at the method's measured lr, see
     METHOD_DEFAULTS) lowers the held-out loss of the bundled model: its last evaluation is below step 0's."""
@@ -331,5 +331,27 @@ def test_compare_runs_each_method_as_finetune_and_tabulates_it(tmp_path, capsys,
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
     main(["compare", "--methods", "prompt", "--steps", "2", "--seq-len", "48", "--out", str(tmp_path / "c2")])
     assert "no figure: pip install matplotlib" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match=r"unknown --methods \['ia3'\]"):
-        main(["compare", "--methods", "lora,ia3"])
+    with pytest.raises(SystemExit, match=r"unknown --methods \['loha'\]"):
+        main(["compare", "--methods", "lora,loha"])
+
+
+def test_finetune_ia3_writes_a_peft_ia3_adapter_that_loads_back(tmp_path):
+    """`--method ia3` trains PEFT's IA3Config (k_proj, v_proj; down_proj as the feed-forward module whose input is
+    scaled); the adapter on disk is PEFT's (peft_type IA3, keys ...ia3_l) and loads back to the same logits."""
+    out = tmp_path / "ia3"
+    main(["finetune", "--method", "ia3", "--steps", "3", "--eval-every", "0", "--batch-size", "4", "--seq-len", "32",
+          "--no-samples", "--out", str(out)])  # fmt: skip
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "IA3" and config["feedforward_modules"] == ["down_proj"]
+    assert sorted(config["target_modules"]) == ["down_proj", "k_proj", "v_proj"]
+    state = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert state and all(k.endswith(".ia3_l") for k in state)
+    assert any(not torch.equal(v, torch.ones_like(v)) for v in state.values())  # trained away from identity
+    base, _ = load_pretrained("tiny-shakespeare")
+    ids = torch.randint(0, base.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = base(ids).logits
+        adapted = PeftModel.from_pretrained(base, out / "adapter")(ids).logits
+    assert not torch.allclose(adapted, plain)
+    down = [k for k in state if "down_proj" in k]
+    assert down and state[down[0]].shape[-1] == base.config.intermediate_size  # scales down_proj's input
