@@ -32,17 +32,17 @@ import os
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
+from common import DEVICE, FAST, exercise  # the lessons' shared settings (common.py)
 
-FAST = os.environ.get("MINIPEFT_FAST") == "1"  # the tests set this: fewer steps, every cell still runs
-device = "cuda" if torch.cuda.is_available() else "cpu"
 torch.manual_seed(0)
-print(f"torch {torch.__version__} on {device}{' (fast mode)' if FAST else ''}")
+print(f"torch {torch.__version__} on {DEVICE}{' (fast mode)' if FAST else ''}")
 
 # %% [markdown]
 # ## A tiny configuration to take apart
 #
 # `ModelConfig` holds the handful of numbers that define a Llama-family model. We use a tiny one in float64,
-# so that our hand-written pieces and the library's agree to ~1e-15 and any real mistake stands out.
+# so that our hand-written pieces and the library's agree to rounding (the asserts allow 1e-12) and any real
+# mistake stands out.
 # 4 query heads share 2 key/value heads (that is GQA), each head has `head_dim = 64 / 4 = 16` channels.
 
 # %%
@@ -89,6 +89,13 @@ assert not torch.allclose(rms_norm(x + 1, ones), rms_norm(x, ones))  # ... but n
 print("RMSNorm matches minipeft.model.RMSNorm")
 
 # %% [markdown]
+# In float64 that formula is all there is. Real models run in bfloat16 or float16, and there `model.py` does one
+# more thing: it computes the mean of squares and the division in **float32**, then casts back. float16's
+# largest number is 65504, so a hidden vector whose entries reach a few hundred already overflows `x²`;
+# bfloat16 has float32's range but only 8 bits of mantissa, so its sum of squares is coarse. Exercise 1 at the
+# end asks you to write that upcast.
+
+# %% [markdown]
 # ## 2. Rotary position embeddings
 #
 # Attention by itself does not know where tokens are. RoPE (Su et al. 2021) rotates each query and key by an
@@ -132,6 +139,14 @@ assert torch.allclose(score(5, 2), score(105, 102)) and torch.allclose(score(3, 
 print("RoPE matches minipeft.model.apply_rotary; scores depend on relative position only")
 
 # %% [markdown]
+# Which channels form a pair is a convention. The RoPE paper (and Meta's original Llama code, and llama.cpp)
+# pairs *adjacent* channels `(2i, 2i+1)`; Hugging Face pairs `i` with `i + hd/2`. Both are the same rotation
+# after a fixed reordering of the channels, which can be folded into the rows of `q_proj` and `k_proj`: that is
+# why a GGUF file's q/k rows are stored in another order, and why
+# [`minipeft/gguf.py`](../minipeft/gguf.py)'s `unpermute` reorders them when SmolLM2 is loaded below. Exercise 2
+# asks you to write the adjacent-pairs layout.
+
+# %% [markdown]
 # Each channel pair turns at its own speed: the first pairs turn fast (they tell neighbours apart), the last
 # ones barely move over a whole context (they carry coarse position). That is the picture of RoPE:
 
@@ -151,7 +166,7 @@ plt.show()
 #
 # Ainslie et al. (2023): `H` query heads but only `K < H` key/value heads; each key/value head serves
 # `H / K` query heads. The projections `k_proj`, `v_proj` are `H / K` times smaller, and so is the KV cache
-# kept during generation. Here, written out with an explicit causal softmax:
+# kept during generation (exercise 3 counts its bytes). Here, written out with an explicit causal softmax:
 
 
 # %%
@@ -255,7 +270,7 @@ from minipeft.checkpoint import ASSETS, load_pretrained
 from minipeft.data import load_text_dataset
 from minipeft.train import evaluate
 
-tiny, tok = load_pretrained("tiny-shakespeare", device=device)
+tiny, tok = load_pretrained("tiny-shakespeare", device=DEVICE)
 tiny.eval()
 print(tiny.config)
 print(tok)
@@ -274,7 +289,7 @@ assert val_loss < math.log(tok.vocab_size) - 2, "a pretrained model should do fa
 # the tokens of the naive loop that reruns the whole sequence at every step:
 
 # %%
-prompt = torch.tensor([tok.encode("ROMEO:\nBut soft, what light")], device=device)
+prompt = torch.tensor([tok.encode("ROMEO:\nBut soft, what light")], device=DEVICE)
 n_new = 12 if FAST else 40
 fast = tiny.generate(prompt, max_new_tokens=n_new)  # with the KV cache
 
@@ -290,7 +305,7 @@ print(tok.decode(fast[0].tolist()))
 # A fixed `torch.Generator` seed makes it reproducible.
 
 # %%
-gen = torch.Generator(device=device).manual_seed(0)
+gen = torch.Generator(device=DEVICE).manual_seed(0)
 sample = tiny.generate(prompt, max_new_tokens=n_new, temperature=0.8, top_k=50, generator=gen)
 print(tok.decode(sample[0].tolist()))
 
@@ -317,8 +332,8 @@ def compare_with_transformers(model, hf_dir, tokenizer, text, n_new):
     hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
     ids = torch.tensor([tokenizer.encode(text)])
     with torch.no_grad():
-        diff = (model(ids.to(device)).logits.cpu() - hf(ids).logits).abs().max().item()
-    ours = model.generate(ids.to(device), max_new_tokens=n_new).cpu()
+        diff = (model(ids.to(DEVICE)).logits.cpu() - hf(ids).logits).abs().max().item()
+    ours = model.generate(ids.to(DEVICE), max_new_tokens=n_new).cpu()
     theirs = hf.generate(ids, max_new_tokens=n_new, do_sample=False, eos_token_id=None, pad_token_id=0)
     return diff, torch.equal(ours, theirs)
 
@@ -341,14 +356,14 @@ assert diff < 1e-4 and same
 from minipeft.checkpoint import download
 
 smol_dir = download("smollm2-135m-instruct")  # once; later calls just return the folder
-smol, smol_tok = load_pretrained("smollm2-135m-instruct", device=device)
+smol, smol_tok = load_pretrained("smollm2-135m-instruct", device=DEVICE)
 smol.eval()
 print(smol.config)
 
 chat = smol_tok.apply_chat_template(
     [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True
 )
-ids = torch.tensor([smol_tok.encode(chat)], device=device)
+ids = torch.tensor([smol_tok.encode(chat)], device=DEVICE)
 answer_ids = smol.generate(ids, max_new_tokens=12 if FAST else 40, eos_token_id=smol_tok.eos_token_id)
 print(repr(smol_tok.decode(answer_ids[0, ids.size(1) :].tolist())))
 
@@ -392,10 +407,47 @@ for name, m in [("tiny-shakespeare", tiny), ("SmolLM2-135M", smol)]:
     parts = count(m.config)
     assert sum(parts.values()) == n_params(m)
     total = sum(parts.values())
+    print(f"{name:17s} {total:>12,d} parameters: " + ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in parts.items()))
+
+# %% [markdown]
+# Bytes: 4 a parameter in float32, 2 in bfloat16. For 4 bits (lesson 06 builds NF4, lesson 07 trains on it),
+# mind what is quantized: `quantize_model` ([`minipeft/nf4.py`](../minipeft/nf4.py)) turns the linear layers
+# of attention and MLP into 4-bit `NF4Linear`s, at 4 bits a weight plus one 8-bit scale per block of 64
+# weights plus one 32-bit scale per 256 blocks; the **embedding and the norms stay** in the model's dtype
+# (here float32), and so does `lm_head`, which is skipped (tied, it *is* the embedding). The estimate below
+# prices each part at its own width, and the tiny model is quantized for real to check it.
+
+# %%
+import copy
+
+from minipeft.nf4 import memory_report, quantize_model
+
+NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # bits per quantized weight: the code, its block's scale, a nested scale
+MiB = 2**20
+
+
+def nf4_bytes(parts):  # linear layers in NF4, everything else (embedding, norms, untied lm_head) in float32
+    linear = parts["attention"] + parts["mlp"]
+    return linear * NF4_BITS / 8 + (sum(parts.values()) - linear) * 4
+
+
+for name, m in [("tiny-shakespeare", tiny), ("SmolLM2-135M", smol)]:
+    parts = count(m.config)
+    total = sum(parts.values())
+    nf4 = nf4_bytes(parts)
     print(
-        f"{name:17s} {total:>12,d} parameters = {total * 4 / 2**20:7.1f} MiB in float32, "
-        f"{total * 2 / 2**20:6.1f} MiB in bfloat16, ~{total * 4.127 / 8 / 2**20:5.1f} MiB in NF4"
+        f"{name:17s} {total * 4 / MiB:6.1f} MiB in float32, {total * 2 / MiB:6.1f} MiB in bfloat16, "
+        f"{nf4 / MiB:6.1f} MiB with NF4 linear layers ({total * 4 / nf4:.1f}x less than float32), of which the "
+        f"float32 embedding is {100 * parts['embedding'] * 4 / nf4:.0f}%"
     )
+    assert 0.6 < parts["embedding"] * 4 / nf4 < 0.72 and 2.5 < total * 4 / nf4 < 3.5  # quoted below
+
+report = memory_report(quantize_model(copy.deepcopy(tiny)))  # the real thing, on the tiny model
+estimate = nf4_bytes(count(tiny.config))
+print(f"tiny-shakespeare quantized: {report['total_bytes'] / MiB:.2f} MiB measured, {estimate / MiB:.2f} MiB estimated"
+      f" ({report['bits_per_param']:.3f} bits a quantized weight; the rest: per-layer tables and offsets)")  # fmt: skip
+assert abs(report["bits_per_param"] - NF4_BITS) < 1e-9
+assert abs(report["total_bytes"] / estimate - 1) < 0.02
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -407,9 +459,29 @@ for ax, (name, m) in zip(axes, [("tiny-shakespeare", tiny), ("SmolLM2-135M", smo
     ax.set_title(f"{name}: {total / 1e6:.1f}M parameters")
 plt.show()
 
+# the shares the text below quotes, and a 7B model's for comparison (ModelConfig's defaults: Llama-2-7B's shape)
+from minipeft.model import ModelConfig
+
+share = {}
+for name, c in [("tiny-shakespeare", tiny.config), ("SmolLM2-135M", smol.config),
+                ("Llama-2-7B", ModelConfig(tie_word_embeddings=False))]:  # fmt: skip
+    parts = count(c)
+    total = sum(parts.values())
+    share[name] = {k: parts[k] / total for k in ("embedding", "mlp")}
+    share[name]["embedding"] += parts["lm_head"] / total  # untied: a second V x D matrix
+    print(f"{name:17s} {total / 1e6:8.1f}M parameters: embedding (and lm_head) {100 * share[name]['embedding']:.1f}%,"
+          f" MLP {100 * share[name]['mlp']:.1f}%")  # fmt: skip
+assert all(s["mlp"] > 0.5 for s in share.values())
+assert all(0.2 < share[n]["embedding"] < 0.23 for n in ("tiny-shakespeare", "SmolLM2-135M"))
+assert share["Llama-2-7B"]["embedding"] < 0.04
+
 # %% [markdown]
-# The MLP holds more than half of the parameters; the embedding is about a fifth in both of these small models
-# (in a 7B model it is a few percent). The matrices of attention and MLP are where LoRA and adapters act.
+# The MLP holds more than half of the parameters in all three. The embedding is 22% of tiny-shakespeare's
+# parameters and 21% of SmolLM2's (their vocabularies are large next to their widths); in a 7B model the
+# embedding and the untied `lm_head` together are under 4%. That share matters for 4 bits: left in float32, the
+# embedding is about two thirds of either small model's bytes once its linear layers are in NF4 (the estimate
+# above), so 4 bits shrink SmolLM2 about 3×, not 8×. The matrices of attention and MLP are where LoRA and
+# adapters act.
 #
 # ## Summary
 #
@@ -421,68 +493,67 @@ plt.show()
 #
 # ## Exercises
 #
-# Each exercise has a cell with `answer = None`: replace `None` with your answer and run the check cell below it.
+# Each exercise is a function to write: replace `raise NotImplementedError` with your code and run the cell
+# below it. The check calls your function on fixed inputs and compares it with an independent reference; it
+# says what differs, never the answer. (Stuck? [`solutions/l00.py`](solutions/l00.py).)
 #
-# **1.** How many bytes does SmolLM2-135M's KV cache take for **one** sequence of 2048 tokens in bfloat16
-# (2 bytes a number)? Think: which tensors are cached, in how many layers, with how many heads?
+# **1. RMSNorm for 16-bit inputs**, as `model.py` computes it (section 1).
 
 # %%
-answer = None  # your code: an int, computed from smol.config
+from exercises.l00 import CHECKS
+
+
+def rms_norm_half(x, weight, eps=1e-5):
+    """RMSNorm of x (..., D) with weight (D,), for x in float16, bfloat16, float32 or float64.
+
+    For a 16-bit x, compute the mean of squares and the division in float32, cast the normalised x back to
+    x's dtype, then multiply by weight (of x's dtype). The result has x's dtype and shape.
+    Hint: x.float(), x.to(dtype); a float32 or float64 x needs no cast.
+    """
+    raise NotImplementedError  # your code
+
 
 # %%
-with torch.no_grad():  # measured: the cache of 16 tokens, scaled to 2048 tokens of 2 bytes each
-    cache = smol(torch.zeros(1, 16, dtype=torch.long, device=device), use_cache=True).past_key_values
-expected = sum(k.numel() + v.numel() for k, v in cache) // 16 * 2048 * 2
-if answer is None:
-    print("not answered yet")
-elif answer == expected:
-    print(f"right: {answer:,d} bytes ({answer / 2**20:.0f} MiB)")
-else:
-    print(f"not quite: {answer:,d}. Keys AND values, every layer, num_key_value_heads (not attention heads).")
-
-# %% [markdown]
-# **2.** How many parameters would tiny-shakespeare have if its `lm_head` were **not** tied to the embedding?
-
-# %%
-answer = None  # your code: an int
-
-# %%
-import dataclasses
-
-with torch.device("meta"):  # build the model's shapes only: no memory, no init
-    untied = Transformer(dataclasses.replace(tiny.config, tie_word_embeddings=False))
-expected = n_params(untied)
-if answer is None:
-    print("not answered yet")
-elif answer == expected:
-    print(f"right: {answer:,d}")
-else:
-    print(f"not quite: {answer:,d}. An untied lm_head is one more vocab_size × hidden_size matrix.")
+exercise("rms_norm_half", rms_norm_half, CHECKS["rms_norm_half"])
 
 
 # %% [markdown]
-# **3.** Write `rope_at(x, m)`, rotating one vector `x` of `hd` channels to position `m` with your own
-# arithmetic (not `rope` above), using the *adjacent-pairs* layout instead: channel `2i` pairs with `2i+1`
-# (the layout of the RoPE paper and of llama.cpp). Check: scores must still depend only on `m - n`.
+# **2. RoPE with adjacent pairs**: the layout of the RoPE paper and llama.cpp (section 2).
 
 
 # %%
-def rope_at(x, m):
-    return None  # your code
+def rope_adjacent(x, pos, inv_freq):
+    """Rotate x (..., T, hd) to positions pos (T,), pairing channel 2i with channel 2i + 1.
+
+    At position m the pair (x[2i], x[2i+1]) turns by the angle m * inv_freq[i] (inv_freq: (hd/2,), float64):
+        x[2i]   -> x[2i] cos - x[2i+1] sin
+        x[2i+1] -> x[2i] sin + x[2i+1] cos
+    Returns a tensor of x's shape and dtype.
+    Hint: x[..., 0::2] and x[..., 1::2] are the two halves of the pairs; torch.stack(..., dim=-1).flatten(-2)
+    interleaves two tensors back.
+    """
+    raise NotImplementedError  # your code
 
 
 # %%
-if rope_at(q[0], 0) is None:
-    print("not answered yet")
-else:
-    torch.manual_seed(1)
-    a, b = torch.randn(hd, dtype=torch.float64), torch.randn(hd, dtype=torch.float64)
-    relative = torch.allclose(rope_at(a, 9) @ rope_at(b, 4), rope_at(a, 25) @ rope_at(b, 20))
-    lengths = torch.allclose(rope_at(a, 9).norm(), a.norm())
-    e0 = torch.zeros(hd, dtype=torch.float64)
-    e0[0] = 1  # channel 0 at position 1 turns towards channel 1
-    adjacent = abs(rope_at(e0, 1)[1].item() - math.sin(inv_freq[0].item())) < 1e-9
-    if relative and lengths and adjacent:
-        print("right: a rotation, relative, and channel 0 turns into channel 1")
-    else:
-        print(f"not quite: relative={relative}, keeps lengths={lengths}, adjacent pairs={adjacent}")
+exercise("rope_adjacent", rope_adjacent, CHECKS["rope_adjacent"])
+
+
+# %% [markdown]
+# **3. The bytes of the KV cache** (sections 3 and "Generating"). During generation every layer keeps the keys
+# and values of every token so far. With your function, `kv_cache_bytes(smol.config, 2048)` is what SmolLM2
+# keeps for one sequence of 2048 tokens in bfloat16.
+
+
+# %%
+def kv_cache_bytes(config, n_tokens, bytes_per_number=2):
+    """The bytes of the KV cache of ONE sequence of n_tokens tokens, for a model of this ModelConfig.
+
+    Use config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads, config.head_dim.
+    Returns an int. Hint: what does attention cache, per layer and per token, and how many heads does it have?
+    """
+    raise NotImplementedError  # your code
+
+
+# %%
+exercise("kv_cache_bytes", kv_cache_bytes, CHECKS["kv_cache_bytes"])

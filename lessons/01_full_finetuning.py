@@ -29,16 +29,17 @@
 # roughly what Adam does (a running mean and a running mean of squares of each gradient).
 
 # %%
-import os
 import time
 
 import matplotlib.pyplot as plt
 import torch
 
-FAST = os.environ.get("MINIPEFT_FAST") == "1"  # the tests set this: fewer steps, every cell still runs
-device = "cuda" if torch.cuda.is_available() else "cpu"
+# the lessons' shared settings (common.py): the device, and the one training budget of `minipeft finetune`
+from common import BATCH, DEVICE, FAST, SEQ_LEN, STEPS, VAL_BATCHES, exercise, lr
+
 torch.manual_seed(0)
-print(f"torch {torch.__version__} on {device}{' (fast mode)' if FAST else ''}")
+print(f"torch {torch.__version__} on {DEVICE}{' (fast mode)' if FAST else ''}")
+print(f"the budget of every training run: {STEPS} steps of {BATCH} x {SEQ_LEN} tokens, lr {lr('full')} (full)")
 
 # %% [markdown]
 # ## The task: the sonnets
@@ -46,6 +47,11 @@ print(f"torch {torch.__version__} on {device}{' (fast mode)' if FAST else ''}")
 # `load_text_dataset` turns the text into one token stream, holds out its **last** 10% for validation (text
 # that comes after everything trained on) and cuts both parts into blocks of `seq_len` tokens
 # ([`minipeft/data.py`](../minipeft/data.py)). The held-out loss is what every lesson reports.
+#
+# `common.py` fixes one budget for every training run of lessons 01-08, the one of `minipeft finetune`:
+# `STEPS` optimizer steps of `BATCH` blocks of `SEQ_LEN` tokens, its default learning rate per method
+# (`lr("full")`, `lr("lora")`, ... measured by `benchmarks/sweep_defaults.py`), its 5% warmup, and the held-out
+# loss over `VAL_BATCHES` batches (here: the whole held-out set). So the held-out losses of the lessons compare.
 
 # %%
 import copy
@@ -54,23 +60,25 @@ from minipeft.checkpoint import ASSETS, load_pretrained
 from minipeft.data import Dataset, batch_stream, load_text_dataset
 from minipeft.train import TrainConfig, evaluate, train
 
-SEQ_LEN, BATCH = (64, 4) if FAST else (128, 8)
-STEPS = 10 if FAST else 60  # 60 steps: about two passes over the sonnets; many more only overfit
-EVAL_BATCHES = 6 if FAST else None  # None: the whole held-out set
 SONNETS = ASSETS / "data" / "sonnets.txt"  # the bundled fine-tuning data
 
-model, tok = load_pretrained("tiny-shakespeare", device=device)
+model, tok = load_pretrained("tiny-shakespeare", device=DEVICE)
 train_data, val_data = load_text_dataset(SONNETS, tok, seq_len=SEQ_LEN)
-print(f"{len(train_data)} training blocks and {len(val_data)} held-out blocks of {SEQ_LEN} tokens")
-base_loss, base_ppl = evaluate(model, val_data, batch_size=BATCH, max_batches=EVAL_BATCHES)
+P = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())  # unique (lm_head is tied)
+print(
+    f"{len(train_data)} training blocks ({train_data.num_tokens():,d} tokens) and {len(val_data)} held-out blocks"
+    f" of {SEQ_LEN} tokens; {STEPS} steps of {BATCH} blocks are {STEPS * BATCH / len(train_data):.1f} passes; "
+    f"the model has {P:,d} parameters"
+)
+base_loss, base_ppl = evaluate(model, val_data, batch_size=BATCH, max_batches=VAL_BATCHES)
 print(f"before fine-tuning: held-out loss {base_loss:.3f} (perplexity {base_ppl:.1f})")
 
-prompt = torch.tensor([tok.encode("Shall I compare thee to a summer's day?\n")], device=device)
+prompt = torch.tensor([tok.encode("Shall I compare thee to a summer's day?\n")], device=DEVICE)
 
 
 def sample(m, n=20 if FAST else 60):
     out = m.generate(
-        prompt, max_new_tokens=n, temperature=0.8, top_k=50, generator=torch.Generator(device=device).manual_seed(0)
+        prompt, max_new_tokens=n, temperature=0.8, top_k=50, generator=torch.Generator(device=DEVICE).manual_seed(0)
     )
     return tok.decode(out[0].tolist())
 
@@ -97,7 +105,7 @@ def train_by_hand(model, data, steps, lr, batch_size, seed=0):
     model.train()
     for _step in range(steps):
         batch = next(stream)
-        loss = model(batch["input_ids"].to(device), labels=batch["labels"].to(device)).loss
+        loss = model(batch["input_ids"].to(DEVICE), labels=batch["labels"].to(DEVICE)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, max_norm=1.0)
         optimizer.step()
@@ -108,7 +116,7 @@ def train_by_hand(model, data, steps, lr, batch_size, seed=0):
 
 # Overfit one batch: a loop that cannot do this has a bug.
 one_batch = Dataset(train_data.input_ids[:BATCH], train_data.labels[:BATCH])
-m, _ = load_pretrained("tiny-shakespeare", device=device)
+m, _ = load_pretrained("tiny-shakespeare", device=DEVICE)
 losses = train_by_hand(m, one_batch, steps=15, lr=1e-3, batch_size=BATCH)
 print(" ".join(f"{l:.2f}" for l in losses))
 assert losses[-1] < 0.5 * losses[0]
@@ -124,7 +132,7 @@ assert losses[-1] < 0.5 * losses[0]
 # noise is far below anything we look at.
 
 # %%
-start, _ = load_pretrained("tiny-shakespeare", dtype="float64", device=device)
+start, _ = load_pretrained("tiny-shakespeare", dtype="float64", device=DEVICE)
 a, b = copy.deepcopy(start), copy.deepcopy(start)
 train_by_hand(a, train_data, steps=3, lr=5e-4, batch_size=BATCH)
 train(
@@ -151,7 +159,7 @@ del a, b, m, start
 # the math, not the speed.
 
 # %%
-start, _ = load_pretrained("tiny-shakespeare", device=device)
+start, _ = load_pretrained("tiny-shakespeare", device=DEVICE)
 runs = {}
 for compiled in (False, True):
     m = copy.deepcopy(start)
@@ -167,23 +175,25 @@ for compiled, (losses, seconds) in runs.items():
     note = ", the compilation included" if compiled else ""
     print(f"compile={compiled}: losses {' '.join(f'{l:.5f}' for l in losses)} ({seconds:.1f}s{note})")
 gap = max(abs(x - y) for x, y in zip(runs[False][0], runs[True][0]))
-assert gap < (1e-4 if device == "cpu" else 2e-2), gap
+assert gap < (1e-4 if DEVICE == "cpu" else 2e-2), gap
 del m, start
 
 # %% [markdown]
 # ## Fine-tuning all the weights
 #
-# Now the real run, with a short warmup and a cosine decay, evaluating on the held-out sonnets along the way.
+# Now the real run, with `minipeft finetune --method full`'s budget: its learning rate `lr("full")`, a warmup
+# over the first 5% of the steps, then a cosine decay to a tenth of the peak (`train()`'s `lr_multiplier`, which
+# exercise 1 asks you to write), evaluating on the held-out sonnets along the way.
 
 # %%
 cfg = TrainConfig(
     steps=STEPS,
-    lr=5e-4,
+    lr=lr("full"),
     batch_size=BATCH,
-    warmup_ratio=0.1,
+    warmup_ratio=0.05,
     log_every=1,
     eval_every=max(1, STEPS // 5),
-    eval_batches=EVAL_BATCHES,
+    eval_batches=VAL_BATCHES,
     seed=0,
     progress=False,
 )
@@ -196,28 +206,33 @@ print(f"{STEPS} steps in {seconds:.1f}s; held-out loss {base_loss:.3f} -> {metri
 assert metrics["val_loss"] < base_loss
 
 # %%
-plt.figure(figsize=(7, 3.5))
+fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(11, 3.5))
 epoch = len(train_data) // BATCH  # optimizer steps per pass over the training blocks
 for k in range(epoch, STEPS + 1, epoch):
-    plt.axvline(k + 0.5, color="gray", ls=":", lw=1)  # from here on, batches the model has already seen
-plt.plot([e["step"] for e in metrics["train"]], [e["loss"] for e in metrics["train"]], label="training batch")
-plt.plot(
+    ax.axvline(k + 0.5, color="gray", ls=":", lw=1)  # from here on, batches the model has already seen
+ax.plot([e["step"] for e in metrics["train"]], [e["loss"] for e in metrics["train"]], label="training batch")
+ax.plot(
     [0] + [e["step"] for e in metrics["eval"]],
     [base_loss] + [e["val_loss"] for e in metrics["eval"]],
     "o-",
     label="held-out sonnets",
 )
-plt.xlabel("optimizer step")
-plt.ylabel("loss (nats/token)")
-plt.legend()
-plt.title("full fine-tuning")
+ax.set_xlabel("optimizer step")
+ax.set_ylabel("loss (nats/token)")
+ax.legend()
+ax.set_title("full fine-tuning")
+ax_lr.plot([e["step"] for e in metrics["train"]], [e["lr"] for e in metrics["train"]], ".-")
+ax_lr.set_xlabel("optimizer step")
+ax_lr.set_ylabel("learning rate")
+ax_lr.set_title("warmup, then cosine down to lr / 10")
+plt.tight_layout()
 plt.show()
 
 # %% [markdown]
 # The held-out loss is the number that matters. Dotted lines (if the run is long enough to have any) mark the
 # end of an epoch: after one, every training batch is text the model has already seen, and a training loss
-# that keeps falling while the held-out loss stalls is the model memorising its 26,000 training tokens with
-# its 4.7 million parameters. A sample before and after:
+# that keeps falling while the held-out loss stalls is the model memorising its training tokens (a few tens of
+# thousands) with its millions of parameters (both printed at the top). A sample before and after:
 
 # %%
 print("BEFORE:\n" + before + "\n")
@@ -252,7 +267,7 @@ predicted = {"weights": 4 * P, "gradients": 4 * P, "AdamW states": 8 * P}
 
 optimizer = build_optimizer(trainable_parameters(model), TrainConfig(lr=1e-5))
 batch = next(batch_stream(train_data, BATCH, seed=0))
-model(batch["input_ids"].to(device), labels=batch["labels"].to(device)).loss.backward()
+model(batch["input_ids"].to(DEVICE), labels=batch["labels"].to(DEVICE)).loss.backward()
 optimizer.step()  # creates the states
 measured = {
     "weights": nbytes(params),
@@ -292,7 +307,7 @@ def activation_bytes(model, ids, return_logits=True):
     return sum(saved.values())
 
 
-ids = batch["input_ids"].to(device)
+ids = batch["input_ids"].to(DEVICE)
 a1, a2 = activation_bytes(model, ids[:1]), activation_bytes(model, ids[:2])
 print(f"saved for backward: {a1 / 2**20:.2f} MiB for one sequence of {SEQ_LEN} tokens, {a2 / 2**20:.2f} MiB for two")
 assert abs(a2 / a1 - 2) < 0.05  # linear in the batch
@@ -316,7 +331,7 @@ assert chunked < a1
 # CPU there is no such counter, so there we rely on the accounting above.
 
 # %%
-if device == "cuda":
+if DEVICE == "cuda":
     import gc
 
     del optimizer
@@ -348,12 +363,12 @@ else:
 from minipeft.checkpoint import download
 
 download("smollm2-135m-instruct")
-smol, _ = load_pretrained("smollm2-135m-instruct", device=device)
+smol, _ = load_pretrained("smollm2-135m-instruct", device=DEVICE)
 rows, sizes = {}, {}
 for name, m, n_seq, T in [("tiny-shakespeare", model, 8, 128), ("SmolLM2-135M", smol, 8, 512)]:
     P_m = sizes[name] = sum(p.numel() for p in {id(p): p for p in m.parameters()}.values())
     probe = 32
-    probe_ids = torch.zeros(1, probe, dtype=torch.long, device=device)
+    probe_ids = torch.zeros(1, probe, dtype=torch.long, device=DEVICE)
     per_token = activation_bytes(m, probe_ids, return_logits=False) / probe
     rows[name] = {
         "weights": 4 * P_m,
@@ -431,78 +446,112 @@ print(
     f"same weights after the step: {same}; gradient bytes alive at most: {plain_bytes / 2**20:.2f} MiB "
     f"after backward, {in_bwd_bytes / 2**20:.2f} MiB stepped in backward (the largest one: the embedding)"
 )
-assert same and in_bwd_bytes < plain_bytes / 2
+assert same and in_bwd_bytes == max(nbytes([p]) for p in model.parameters())  # one gradient at a time
 del plain, in_bwd
 
 # %% [markdown]
-# It pays when the optimizer step is the peak: a big model at a small batch. At the 7B shape with one sequence
-# of 512 tokens, full fine-tuning peaked at 50.5 GiB, 41.8 GiB stepped in backward (`benchmarks/README.md`);
-# at the batch sizes above the activations peak first, and nothing is saved.
+# It pays when the optimizer step is the peak: a big model at a small batch. The benchmarks measured one
+# training step of a 7B model (Llama-2-7B's shape, bf16 weights, gradients and AdamW states, one sequence of 512
+# tokens) on an H200; their result file, read here:
+
+# %%
+import json
+from pathlib import Path
+
+runs_7b = json.loads(Path("../benchmarks/results/memory-7b-2026-11-30-oib.json").read_text())
+print(f"{runs_7b['gpu']}, {runs_7b['date']} (benchmarks/memory_7b.py --optimizer-in-backward --methods full)")
+peak = {}
+for row in runs_7b["rows"]:
+    if not row["activation_checkpointing"]:
+        peak[row["in_backward"]] = row["peak_gib"]
+        print(f"  stepped in backward: {row['in_backward']!s:5}  peak {row['peak_gib']:.1f} GiB")
+grads_gib = 2 * runs_7b["rows"][0]["trainable"] / 2**30  # 2 bytes a parameter
+saved = peak[False] - peak[True]
+print(f"  {saved:.1f} GiB ({saved / peak[False]:.0%}) off the peak; all the gradients in bf16: {grads_gib:.1f} GiB")
+assert 0.14 < saved / peak[False] < 0.2 and saved < grads_gib
+
+# %% [markdown]
+# A sixth of the peak, though less than all the gradients weigh: at the new peak something else is alive
+# besides the weights and the states (the benchmark does not break it down). At the batch sizes above the
+# activations peak first, and stepping in backward saves nothing there.
 #
 # ## Summary
 #
 # You wrote a training loop and verified that [`minipeft/train.py`](../minipeft/train.py)'s `train()` computes
-# the same weights; you fine-tuned every weight of `tiny-shakespeare` on the sonnets and watched the held-out
-# loss fall; and you accounted for the memory — 16 bytes per parameter for weights, gradients and AdamW, plus
-# activations linear in the batch — checking each number against the tensors themselves.
+# the same weights; you fine-tuned every weight of `tiny-shakespeare` on the sonnets with the budget every later
+# lesson uses, and watched the held-out loss fall; and you accounted for the memory — 16 bytes per parameter
+# for weights, gradients and AdamW, plus activations linear in the batch — checking each number against the
+# tensors themselves, and saw how stepping inside backward keeps the gradients from existing all at once.
 #
 # ## Exercises
 #
-# **1.** How many bytes do the weights, gradients and AdamW states of a full fine-tune of SmolLM2-135M take
-# in float32? (Lesson 00 counted its parameters.)
+# Each exercise is a function to write: replace `raise NotImplementedError` with your code and run the cell
+# below it. The check calls your function on fixed inputs and compares it with an independent reference; it
+# says what differs, never the answer. (Stuck? [`solutions/l01.py`](solutions/l01.py).)
+#
+# **1. The learning-rate schedule** of `train()`, plotted above.
 
 # %%
-answer = None  # your code: an int
+from exercises.l01 import CHECKS
+
+
+def lr_multiplier(step, steps, warmup_steps, min_lr_ratio):
+    """The factor on the peak lr at optimizer step `step` (0 .. steps - 1), a float.
+
+    Warmup: for step < warmup_steps, rise linearly, but never give 0: step 0 gets 1 / (warmup_steps + 1),
+    and the last warmup step warmup_steps / (warmup_steps + 1).
+    Then a cosine (half a period) from 1 at step warmup_steps down to min_lr_ratio at the last step,
+    steps - 1. (If that leaves fewer than 2 steps, divide by 1 instead of 0: the cosine starts at 1.)
+    Hint: a progress that goes from 0 at step warmup_steps to 1 at step steps - 1, and math.cos(math.pi * ...).
+    """
+    raise NotImplementedError  # your code
+
 
 # %%
-expected = 16 * sizes["SmolLM2-135M"]
-if answer is None:
-    print("not answered yet")
-elif answer == expected:
-    print(f"right: {answer / 2**30:.2f} GiB before any activation")
-else:
-    print(f"not quite: {answer:,d}. Weight + gradient + two AdamW states, 4 bytes each, per parameter.")
+exercise("lr_multiplier", lr_multiplier, CHECKS["lr_multiplier"])
+
 
 # %% [markdown]
-# **2.** Gradient accumulation. A batch of 4 sequences does not fit, so you run it as two micro-batches of 2.
-# Compute the gradient of `model.lm_head.weight` that the **whole** batch's mean loss gives, using only two
-# backward passes on halves (`batch4` below). Hint: what must each half's loss be multiplied by?
+# **2. Gradient accumulation, weighted by targets.** A batch too big for memory runs as several micro-batches,
+# and their gradients add up in `.grad`. With packed text every micro-batch has as many target tokens; with
+# padded instruction data (labels `-100` where a token is not a target) they do not, and the weighting matters.
+
 
 # %%
-batch4 = next(batch_stream(train_data, 4, seed=1))["input_ids"].to(device)  # the whole batch: 4 sequences
-model.zero_grad(set_to_none=True)
-answer = None  # your code: backward on batch4[:2] and on batch4[2:], then answer = model.lm_head.weight.grad.clone()
+def accumulate_gradients(model, micro_batches):
+    """Run backward once per micro-batch so that, afterwards, every parameter's .grad is the gradient of ONE
+    big batch's loss: the mean over all target tokens of all the micro-batches.
+
+    micro_batches: a list of {"input_ids": (b, T), "labels": (b, T)}, labels -100 where not a target.
+    model(input_ids, labels=labels).loss is the mean over that micro-batch's targets; the targets of a batch are
+    its labels shifted by one (position t predicts labels[:, t + 1]), so they number (labels[:, 1:] != -100).sum().
+    The .grad fields start empty (None); return nothing.
+    Hint: what must each micro-batch's loss be multiplied by, so that the sum is the big batch's mean?
+    """
+    raise NotImplementedError  # your code
+
 
 # %%
-if answer is None:
-    print("not answered yet")
-else:
-    model.zero_grad(set_to_none=True)
-    model(batch4, labels=batch4).loss.backward()
-    expected = model.lm_head.weight.grad.clone()
-    model.zero_grad(set_to_none=True)
-    if torch.allclose(answer, expected, rtol=1e-4, atol=1e-7):
-        print("right: two halves, each loss times 1/2 (each half has the same number of target tokens)")
-    else:
-        ratio = (answer.norm() / expected.norm()).item()
-        print(f"not quite: your gradient is {ratio:.2f} times as large as the full batch's")
+exercise("accumulate_gradients", accumulate_gradients, CHECKS["accumulate_gradients"])
+
 
 # %% [markdown]
-# **3.** SGD with momentum keeps **one** state per parameter instead of AdamW's two. How many bytes would
-# weights + gradients + optimizer states take for a full fine-tune of `tiny-shakespeare` with it, in float32?
+# **3. One AdamW step by hand**: what the two states of the memory bill hold, and how they move a weight.
+
 
 # %%
-answer = None  # your code: an int
+def adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    """One AdamW step (Loshchilov & Hutter 2019, as torch.optim.AdamW), IN PLACE on param, exp_avg, exp_avg_sq.
+
+    step is this step's number, 1 for the first. In order:
+      decoupled weight decay: param shrinks by a factor (1 - lr * weight_decay);
+      exp_avg and exp_avg_sq become the running means (betas[0], betas[1]) of grad and of grad²;
+      both are divided by their bias correction (1 - beta^step): they started at 0;
+      param moves by -lr * corrected exp_avg / (sqrt(corrected exp_avg_sq) + eps).
+    Returns nothing. Hint: tensor.mul_, .add_, .addcmul_, .addcdiv_ work in place.
+    """
+    raise NotImplementedError  # your code
+
 
 # %%
-sgd = torch.optim.SGD(params, lr=0.0, momentum=0.9)  # lr 0: measure, do not move
-model(ids, labels=ids).loss.backward()
-sgd.step()
-expected = nbytes(params) + nbytes(p.grad for p in params) + nbytes(t for s in sgd.state.values() for t in s.values())
-model.zero_grad(set_to_none=True)
-if answer is None:
-    print("not answered yet")
-elif answer == expected:
-    print(f"right: {answer / 2**20:.1f} MiB, 12 bytes per parameter")
-else:
-    print(f"not quite: {answer:,d}. Count the unique parameters once (lm_head is the embedding).")
+exercise("adamw_step", adamw_step, CHECKS["adamw_step"])

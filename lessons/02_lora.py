@@ -22,22 +22,23 @@
 # the gradients; the scaling rule `α/r` against rsLoRA's `α/√r`; then the library's layer
 # ([`minipeft/lora.py`](../minipeft/lora.py)), checked against **full fine-tuning** through the gradient
 # identity `dL/dB = s·G·Aᵀ`; training on the sonnets with a sweep over the rank `r`; merging `BA` into `W`
-# and how exact that is; and DoRA in a few lines.
+# and how exact that is; DoRA in a few lines, with its gradients derived by hand; and, finally, the update
+# full fine-tuning learns next to LoRA's: how low-rank is it, and do they point the same way?
 #
 # **What you need to know first:** lesson 00 (the model) and lesson 01 (the training loop, the memory bill);
 # the rank of a matrix; the chain rule for a matrix product.
 
 # %%
 import math
-import os
 
 import matplotlib.pyplot as plt
 import torch
 
-FAST = os.environ.get("MINIPEFT_FAST") == "1"  # the tests set this: fewer steps, every cell still runs
-device = "cuda" if torch.cuda.is_available() else "cpu"
+# the lessons' shared settings (common.py): the device, and the one training budget of `minipeft finetune`
+from common import BATCH, DEVICE, FAST, SEQ_LEN, STEPS, VAL_BATCHES, cmp, exercise, lr
+
 torch.manual_seed(0)
-print(f"torch {torch.__version__} on {device}{' (fast mode)' if FAST else ''}")
+print(f"torch {torch.__version__} on {DEVICE}{' (fast mode)' if FAST else ''}")
 
 # %% [markdown]
 # ## ΔW = BA, from scratch
@@ -122,7 +123,7 @@ assert gA == 0 and gB == 0
 
 # %%
 torch.manual_seed(0)
-d, alpha, lr = 256, 16, 1e-3
+d, alpha, eta = 256, 16, 1e-3  # eta: the SGD step size
 x1, g = torch.randn(d, dtype=torch.float64), torch.randn(d, dtype=torch.float64)
 ranks = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 change = {"α/r": [], "α/√r (rsLoRA)": []}
@@ -130,7 +131,7 @@ for r in ranks:
     A = torch.empty(r, d, dtype=torch.float64)
     nn.init.kaiming_uniform_(A, a=math.sqrt(5))
     for rule, s in [("α/r", alpha / r), ("α/√r (rsLoRA)", alpha / math.sqrt(r))]:
-        B = -lr * s * torch.outer(g, A @ x1)  # one SGD step from B = 0: B - lr * dL/dB
+        B = -eta * s * torch.outer(g, A @ x1)  # one SGD step from B = 0: B - eta * dL/dB
         change[rule].append((s * B @ A @ x1).norm().item())
 
 plt.figure(figsize=(6, 3.5))
@@ -208,14 +209,8 @@ print("minipeft's LoraLayer computes what LoRALinear computes")
 # fine-tuning would use. The chain rule says LoRA's gradients must be `s·G·Aᵀ` and `s·Bᵀ·G`. Compare, in
 # float64, with `B` non-zero (at `B = 0` half of the identity would be trivially `0 = 0`):
 
-
 # %%
-def cmp(name, ours, reference):
-    exact = torch.equal(ours, reference)
-    err = ((ours - reference).norm() / reference.norm()).item()
-    print(f"{name:10s} exact: {str(exact):5s} relative error: {err:.1e}")
-    return err
-
+from minipeft.gradcheck import rel_err
 
 torch.manual_seed(1)
 pm = get_peft_model(
@@ -231,8 +226,8 @@ W_merged.requires_grad_(True)
 full(ids, labels=ids).loss.backward()
 G = W_merged.grad  # dL/dW', full fine-tuning's gradient
 
-assert cmp("dL/dB", B.grad, s * G @ A.T) < 1e-12
-assert cmp("dL/dA", A.grad, s * B.T @ G) < 1e-12
+assert cmp("dL/dB = s G Aᵀ", B.grad, s * G @ A.T) and rel_err(B.grad, s * G @ A.T) < 1e-12
+assert cmp("dL/dA = s Bᵀ G", A.grad, s * B.T @ G) and rel_err(A.grad, s * B.T @ G) < 1e-12
 
 # %% [markdown]
 # So LoRA is full fine-tuning whose gradient is *projected*: `B` sees `G` only through the `r` directions of
@@ -250,8 +245,10 @@ assert max_error(errors) < 1e-12
 # %% [markdown]
 # ## Training LoRA on the sonnets
 #
-# Now on the bundled model, with the library's training loop. `target_modules="all-linear"` adapts every
-# linear layer of every block (q, k, v, o, gate, up, down), `r = 8`. Only the LoRA matrices reach the
+# Now on the bundled model, with the library's training loop and the one budget of lessons 01-08 (`common.py`:
+# `minipeft finetune`'s steps, batch, sequence length, 5% warmup and its default learning rate `lr("lora")`),
+# so the held-out loss compares with the other lessons'. `target_modules="all-linear"` adapts every linear
+# layer of every block (q, k, v, o, gate, up, down), `r = 8`, `α = 16`. Only the LoRA matrices reach the
 # optimizer; lesson 01's loop is otherwise unchanged.
 
 # %%
@@ -259,27 +256,25 @@ from minipeft.checkpoint import ASSETS, load_pretrained
 from minipeft.data import load_text_dataset
 from minipeft.train import TrainConfig, evaluate, train
 
-SEQ_LEN, BATCH = (64, 4) if FAST else (128, 8)
-STEPS = 10 if FAST else 60  # 60 steps: about two passes over the sonnets; many more only overfit
-EVAL_BATCHES = 6 if FAST else None  # None: the whole held-out set
-LR = 2e-3
-base_model, tok = load_pretrained("tiny-shakespeare", device=device)
+base_model, tok = load_pretrained("tiny-shakespeare", device=DEVICE)
 train_data, val_data = load_text_dataset(ASSETS / "data" / "sonnets.txt", tok, seq_len=SEQ_LEN)
-base_loss, _ = evaluate(base_model, val_data, BATCH, max_batches=EVAL_BATCHES)
+base_loss, _ = evaluate(base_model, val_data, BATCH, max_batches=VAL_BATCHES)
 
 
-def finetune(config, steps=STEPS, lr=LR):
+def budget(method):  # `minipeft finetune`'s training run for a method ("lora", "full")
+    return TrainConfig(steps=STEPS, lr=lr(method), batch_size=BATCH, warmup_ratio=0.05, log_every=1,
+                       eval_batches=VAL_BATCHES, progress=False)  # fmt: skip
+
+
+def finetune(config):
     torch.manual_seed(0)  # the same A initialisation for every run
     model = get_peft_model(copy.deepcopy(base_model), config)
-    cfg = TrainConfig(
-        steps=steps, lr=lr, batch_size=BATCH, warmup_ratio=0.1, log_every=1, eval_batches=EVAL_BATCHES, progress=False
-    )
-    return model, train(model, train_data, val_data, cfg)
+    return model, train(model, train_data, val_data, budget("lora"))
 
 
 lora_model, metrics = finetune(LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
 lora_model.print_trainable_parameters()
-print(f"held-out loss: base {base_loss:.3f} -> LoRA r=8 {metrics['val_loss']:.3f}")
+print(f"{STEPS} steps at lr {lr('lora')}: held-out loss {base_loss:.3f} (base) -> {metrics['val_loss']:.3f} (LoRA r=8)")
 assert metrics["val_loss"] < base_loss
 
 # %%
@@ -291,32 +286,41 @@ plt.xlabel("step")
 plt.ylabel("loss")
 plt.legend()
 plt.show()
-prompt = torch.tensor([tok.encode("Shall I compare thee to a summer's day?\n")], device=device)
+prompt = torch.tensor([tok.encode("Shall I compare thee to a summer's day?\n")], device=DEVICE)
 out = lora_model.generate(
     prompt,
     max_new_tokens=20 if FAST else 60,
     temperature=0.8,
     top_k=50,
-    generator=torch.Generator(device=device).manual_seed(0),
+    generator=torch.Generator(device=DEVICE).manual_seed(0),
 )
 print(tok.decode(out[0].tolist()))
 
 # %% [markdown]
 # ## How much rank does it need?
 #
-# Train the same budget of steps at several ranks, with `α = 16` and both scaling rules, and plot the
-# held-out loss. Compare the spread between ranks with the gap to the base model: on a small task a low rank
-# already captures most of what the budget can learn (the LoRA paper saw this too). In the fast test setting
-# this is a handful of steps, so the differences between ranks are mostly noise: run the notebook yourself.
+# Train the same budget at several ranks, with `α = 16` and both scaling rules, and plot the held-out loss
+# (the `r = 8`, `α/r` run is the one above). Compare the spread between ranks with the gap to the base model: on
+# a small task a low rank already captures most of what the budget can learn (the LoRA paper saw this too).
+# One learning rate serves every rank here, `lr("lora")`, measured at `r = 8` with `α/r` (where `s = 2`);
+# rsLoRA's `s = 16/√r` is larger at every rank above 1, so at high rank it also trains with a larger effective
+# step. In the fast test setting this is a handful of steps and the differences are mostly noise: run the
+# notebook yourself. On a CPU the sweep is kept to three ranks (with a GPU, eight), and at `r = 1` the two rules
+# are the same run.
 
 # %%
-RANKS = [2, 16] if FAST else [1, 2, 4, 8, 16, 32, 64, 128] if device == "cuda" else [1, 4, 16, 64]
+RANKS = [2, 8] if FAST else [1, 2, 4, 8, 16, 32, 64, 128] if DEVICE == "cuda" else [1, 8, 64]
 sweep = {"α/r": [], "α/√r (rsLoRA)": []}
 for r in RANKS:
     for rule, rs in [("α/r", False), ("α/√r (rsLoRA)", True)]:
-        _, m = finetune(LoraConfig(r=r, lora_alpha=16, target_modules="all-linear", use_rslora=rs))
-        sweep[rule].append(m["val_loss"])
-        print(f"r={r:3d} {rule:14s} held-out loss {m['val_loss']:.3f}")
+        if r == 8 and not rs:  # trained above
+            loss = metrics["val_loss"]
+        elif r == 1 and rs:  # at r = 1 both rules give s = α: the same run
+            loss = sweep["α/r"][-1]
+        else:
+            loss = finetune(LoraConfig(r=r, lora_alpha=16, target_modules="all-linear", use_rslora=rs))[1]["val_loss"]
+        sweep[rule].append(loss)
+        print(f"r={r:3d} {rule:14s} held-out loss {loss:.3f}")
 
 plt.figure(figsize=(6, 3.5))
 for rule, losses in sweep.items():
@@ -341,7 +345,7 @@ assert all(l < base_loss for ls in sweep.values() for l in ls)
 merged = copy.deepcopy(lora_model).merge_and_unload()
 assert type(merged) is Transformer and not any(isinstance(m, LoraLayer) for m in merged.modules())
 assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in base_model.parameters())
-check_ids = val_data.input_ids[0][None].to(device)
+check_ids = val_data.input_ids[0][None].to(DEVICE)
 with torch.no_grad():
     d32 = (merged(check_ids).logits - lora_model(check_ids).logits).abs().max().item()
     d64 = (pm.eval()(ids).logits - copy.deepcopy(pm).merge_and_unload()(ids).logits).abs().max().item()
@@ -366,14 +370,20 @@ assert torch.allclose(w, w0, atol=1e-6)
 #
 # $$W' = m \odot \frac{W + sBA}{\lVert W + sBA \rVert_{\text{row}}}, \qquad m \text{ initialised to } \lVert W \rVert_{\text{row}}$$
 #
-# so at the start (`B = 0`) `W' = W` again. As the paper suggests, the norm is treated as a constant in
-# backward (detached), which saves memory and is what the identities in `gradcheck.py` assume.
+# so at the start (`B = 0`) `W' = W` again.
+#
+# **Which norm?** One per *output feature*: the norm of each row of `nn.Linear.weight`, which is `(out, in)`;
+# PEFT computes `torch.linalg.norm(weight, dim=1)` and so does `lora.py`. The paper calls it a "column-wise"
+# norm because its figures write `W` as `(in, out)`, where an output feature is a column (the authors say so in
+# github.com/nbasyl/DoRA/issues/1). Code that keeps the weight as `(in, out)` (JAX kernels, some from-scratch
+# tutorials) therefore writes the same norm as `dim=0`; `dim=0` on an `(out, in)` weight would be a different
+# method, one magnitude per *input* feature.
 
 
 # %%
 def dora_weight(W, A, B, s, m):
     V = W + s * B @ A  # LoRA's update of the direction
-    return m[:, None] * V / V.norm(dim=1, keepdim=True)  # each row rescaled to length m
+    return m[:, None] * V / V.norm(dim=1, keepdim=True)  # each row (one output feature) rescaled to length m
 
 
 W = small.model.layers[0].self_attn.q_proj.weight
@@ -397,11 +407,59 @@ mine = dora_weight(
 )
 assert torch.allclose(mine, layer.merged_weight("default"))
 assert torch.allclose(layer(h), h @ mine.T)  # the layer computes x W'^T without forming W'
-errors = lora_gradient_identity(dm, {"input_ids": ids, "labels": ids})  # with dL/dm too
-print(
-    "DoRA gradients vs full fine-tuning:", {k: f"{v:.1e}" for k, v in errors["model.layers.0.self_attn.q_proj"].items()}
-)
+print("dora_weight matches minipeft's DoRA layer")
+
+# %% [markdown]
+# ### DoRA's gradients, by hand
+#
+# As the paper suggests (its section 4.3), the norm `n = ‖V‖_row` of `V = W + sBA` is treated as a **constant**
+# in backward (detached): backward then need not keep what differentiating a norm needs, which saves memory,
+# and the paper reports it changes little. With `n` constant, `W' = (m/n) ⊙ V` is linear in `m` and in `V`. Let
+# `G = dL/dW'` again (full fine-tuning's gradient for the merged weight). Row by row:
+#
+# $$\frac{\partial L}{\partial m_i} = \frac{1}{n_i}\sum_j G_{ij} V_{ij}, \qquad
+#   \frac{\partial L}{\partial V} = \frac{m}{n} \odot G \quad(\text{each row } i \text{ times } m_i / n_i),$$
+#
+# and since `V = W + sBA` is LoRA's merged weight, LoRA's identity carries over with `dL/dV` in place of `G`:
+#
+# $$\frac{\partial L}{\partial B} = s\,\frac{\partial L}{\partial V} A^\top, \qquad
+#   \frac{\partial L}{\partial A} = s\,B^\top \frac{\partial L}{\partial V}.$$
+#
+# So DoRA is LoRA whose gradient is rescaled row by row by `m/n`, plus one number per row, `m`, that learns the
+# part of `G` along each row of `V`. Check all three against autograd on `dm`'s layer, with `G` from the merged
+# model as before:
+
+# %%
+dm.zero_grad(set_to_none=True)
+dm(ids, labels=ids).loss.backward()
+full = copy.deepcopy(dm).merge_and_unload()  # W' as a plain trainable weight
+W_merged = full.model.layers[0].self_attn.q_proj.weight
+W_merged.requires_grad_(True)
+full(ids, labels=ids).loss.backward()
+G = W_merged.grad
+
+A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+s, m = layer.scaling["default"], layer.lora_magnitude_vector["default"]
+with torch.no_grad():
+    V = layer.base_layer.weight + s * B @ A
+    n = V.norm(dim=1)
+    dL_dm = (G * V).sum(1) / n
+    dL_dV = (m / n)[:, None] * G
+for name, ours, autograd in [
+    ("dL/dm = rowsum(G V) / n", dL_dm, m.grad),
+    ("dL/dB = s (dL/dV) Aᵀ", s * dL_dV @ A.T, B.grad),
+    ("dL/dA = s Bᵀ (dL/dV)", s * B.T @ dL_dV, A.grad),
+]:
+    assert cmp(name, ours, autograd) and rel_err(ours, autograd) < 1e-12
+
+errors = lora_gradient_identity(dm, {"input_ids": ids, "labels": ids})  # gradcheck.py: every layer, m included
+print("every DoRA layer, largest relative error:", f"{max_error(errors):.1e}")
 assert max_error(errors) < 1e-12
+
+# %% [markdown]
+# Without the detach, the gradient would also flow through `n`, and `d(v/‖v‖)/dv = (I − v̂v̂ᵀ)/‖v‖` removes from
+# each row of `dL/dV` its component along that row of `V`: the magnitude alone would then change lengths.
+# Exercise 2 asks you for that gradient. DoRA trains one more vector per layer; with the same budget:
 
 # %%
 dora_model, dora_metrics = finetune(LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", use_dora=True))
@@ -410,79 +468,172 @@ print(
     f" (+{dora_model.num_parameters(True) - lora_model.num_parameters(True):,d} magnitude parameters)"
 )
 assert dora_metrics["val_loss"] < base_loss
-
 # %% [markdown]
-# ## Look at it: the learned update is low-rank
+# ## What full fine-tuning learns, next to LoRA
 #
-# The singular values of one trained `ΔW = sBA`: at most `r = 8` are non-zero, whatever the size of `W`.
+# LoRA bets that the update full fine-tuning would make is close to low-rank, so that `r` directions hold most
+# of it. (That LoRA's own `ΔW = sBA` has rank at most `r` is true by construction and tells nothing.) Test the
+# bet: fine-tune every weight with the same budget (`lr("full")`, as in lesson 01), take `ΔW = W_full − W` of
+# each adapted matrix, and compare it with LoRA's `sBA` of the same matrix. Two questions:
+#
+# * **how concentrated is full fine-tuning's update?** The share of its squared Frobenius norm `Σσ²` in its top
+#   `r = 8` singular directions: all that a rank-8 update could hold;
+# * **do the two updates point the same way?** The LoRA paper's normalised subspace similarity (its section 7):
+#   with `U_L` and `U_F` the top-`r` left singular vectors (output directions) of the two updates,
+#   `φ = ‖U_Lᵀ U_F‖²_F / r` is 1 when the two `r`-dimensional subspaces coincide and `r / out` on average for
+#   random ones.
 
 # %%
-layer = lora_model.base_model.model.layers[2].mlp.down_proj
-with torch.no_grad():
-    S = torch.linalg.svdvals(layer.delta_weight("default").double().cpu())
-plt.figure(figsize=(6, 3))
-plt.semilogy(S[:32].clamp(min=1e-20), "o")
-plt.xlabel("index")
-plt.ylabel("singular value of ΔW")
-plt.title("layer 2 down_proj, LoRA r = 8")
-plt.show()
-assert (S[8:] < 1e-6 * S[0]).all()
+torch.manual_seed(0)
+full_model = copy.deepcopy(base_model)  # every weight trainable
+full_metrics = train(full_model, train_data, val_data, budget("full"))
+print(
+    f"held-out loss after {STEPS} steps: base {base_loss:.3f}, LoRA r=8 {metrics['val_loss']:.3f} (lr {lr('lora')}), "
+    f"full fine-tuning {full_metrics['val_loss']:.3f} (lr {lr('full')})"
+)
+r = 8
+rows = []
+for name, module in lora_model.base_model.named_modules():
+    if not isinstance(module, LoraLayer):
+        continue
+    with torch.no_grad():
+        d_lora = module.delta_weight("default").double().cpu()
+        d_full = (full_model.get_submodule(name).weight - base_model.get_submodule(name).weight).double().cpu()
+    U_L, S_L, _ = torch.linalg.svd(d_lora)
+    U_F, S_F, _ = torch.linalg.svd(d_full)
+    rows.append(
+        dict(
+            name=name,
+            kind=name.rsplit(".", 1)[1],
+            top_r=((S_F[:r] ** 2).sum() / (S_F**2).sum()).item(),  # full's energy in its top r directions
+            phi=((U_L[:, :r].T @ U_F[:, :r]).pow(2).sum() / r).item(),  # subspace similarity of the top r
+            random=r / d_full.shape[0],  # the phi of two random r-dimensional subspaces, on average
+            norm_L=d_lora.norm().item(),
+            norm_F=d_full.norm().item(),
+            S_L=S_L,
+            S_F=S_F,
+        )
+    )
+kinds = list(dict.fromkeys(row["kind"] for row in rows))  # q_proj, k_proj, ..., down_proj
+mean = {k: {key: sum(x[key] for x in rows if x["kind"] == k) / sum(x["kind"] == k for x in rows)
+            for key in ("top_r", "phi", "random", "norm_L", "norm_F")} for k in kinds}  # fmt: skip
+for k, v in mean.items():
+    print(
+        f"{k:10s} full fine-tuning's top {r} directions hold {v['top_r']:4.0%} of its update; the overlap with "
+        f"LoRA's: φ = {v['phi']:.2f} (random: {v['random']:.3f}); |ΔW| LoRA {v['norm_L']:.2f}, full {v['norm_F']:.2f}"
+    )
 
+# %%
+show = next(row for row in rows if row["name"] == "model.layers.2.mlp.down_proj")
+fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 3.8))
+n_sv = 48
+ax.semilogy(range(1, n_sv + 1), (show["S_F"][:n_sv] / show["S_F"][0]).numpy(), "o-", ms=3, label="full fine-tuning")
+ax.semilogy(range(1, n_sv + 1), (show["S_L"][:n_sv] / show["S_L"][0]).clamp(min=1e-8).numpy(), "s-", ms=3,
+            label=f"LoRA, r = {r} (zero after {r}: by construction)")  # fmt: skip
+ax.axvline(r + 0.5, color="gray", ls=":", lw=1)
+ax.set_xlabel("index i")
+ax.set_ylabel("σ_i / σ_1")
+ax.set_title("singular values of ΔW, layer 2 down_proj")
+ax.legend(fontsize=8)
+at = torch.arange(len(kinds)).numpy()
+bars = [("top_r", f"full: share in its top {r}"), ("phi", "φ: LoRA vs full"), ("random", "φ: random subspaces")]
+for j, (key, label) in enumerate(bars):
+    ax2.bar(at + 0.27 * (j - 1), [mean[k][key] for k in kinds], width=0.27, label=label)
+ax2.set_xticks(at, kinds)
+ax2.set_ylim(0, 1)
+ax2.set_title("mean over the layers")
+ax2.legend(fontsize=8)
+plt.tight_layout()
+plt.show()
+assert all(0.25 < v["top_r"] < 0.85 for v in mean.values())  # concentrated, but not of rank r
+assert all(v["phi"] > 3 * v["random"] for v in mean.values())  # far closer than chance, in every kind of matrix
+assert all(v["norm_L"] > 2 * v["norm_F"] for v in mean.values())  # and LoRA moved further
+
+# %% [markdown]
+# What the numbers above say, for this task and budget:
+#
+# * full fine-tuning's update is **concentrated but not low-rank**: its top 8 directions hold roughly 40% (MLP)
+#   to 70% (keys, values) of it, far more than the `8/256` of a flat spectrum, and the rest is spread over
+#   hundreds of directions that a rank-8 update cannot hold;
+# * LoRA's update points into **much the same output directions** as full fine-tuning's top ones: `φ` of about
+#   0.25 to 0.5, against a few hundredths for random subspaces;
+# * LoRA's update is several times **larger** (its learning rate is 30 times full fine-tuning's, and only its
+#   few directions move), and the two end at about the same held-out loss.
+#
+# That is LoRA's bet measured: the few directions it can use are among those that matter most to full
+# fine-tuning. (A longer or harder task would move these numbers; the cells above measure them for yours.)
 # %% [markdown]
 # ## Summary
 #
 # You built a LoRA layer (`h = Wx + s·BAx`, `A` kaiming, `B` zero) and saw why `B` starts at zero; compared the
 # `α/r` and rsLoRA `α/√r` scalings; checked [`minipeft/lora.py`](../minipeft/lora.py)'s `LoraLayer` against
 # your own and against **full fine-tuning** through `dL/dB = s·G·Aᵀ`, `dL/dA = s·Bᵀ·G`
-# ([`minipeft/gradcheck.py`](../minipeft/gradcheck.py)); trained on the sonnets and swept the rank; merged the
-# adapter away; and wrote DoRA's `m·(W + sBA)/‖W + sBA‖` in three lines.
+# ([`minipeft/gradcheck.py`](../minipeft/gradcheck.py)); trained on the sonnets with the shared budget and swept
+# the rank; merged the adapter away; wrote DoRA's `m·(W + sBA)/‖W + sBA‖` in three lines and derived its
+# gradients; and compared the update LoRA learns with the one full fine-tuning learns.
 #
 # ## Exercises
 #
-# **1.** How many trainable parameters does `LoraConfig(r=16, target_modules="all-linear")` add to
-# `tiny-shakespeare`? Work it out from the config (`base_model.config`), not by building the model.
+# Each exercise is a function to write: replace `raise NotImplementedError` with your code and run the cell
+# below it. The check calls your function on fixed inputs and compares it with an independent reference; it
+# says what differs, never the answer. (Stuck? [`solutions/l02.py`](solutions/l02.py).)
+#
+# **1. Two adapters in one, exactly.** Two LoRA adapters trained on one base can be combined into one
+# adapter: PEFT's `add_weighted_adapter(..., combination_type="cat")` (lesson 09 shows the other ways).
 
 # %%
-answer = None  # your code: an int
+from exercises.l02 import CHECKS
+
+
+def cat_combine(adapters, weights):
+    """One LoRA adapter (A, B), of scaling 1, whose update B @ A is EXACTLY sum_i weights[i] * s_i * B_i @ A_i.
+
+    adapters: a list of (A_i (r_i, in), B_i (out, r_i), s_i a float), weights: a list of floats.
+    Returns (A, B) with A (r_1 + r_2 + ..., in) and B (out, r_1 + r_2 + ...): the rank is the sum of the ranks.
+    Hint: write B @ A as a sum over the columns of B and the rows of A; torch.cat.
+    """
+    raise NotImplementedError  # your code
+
 
 # %%
-expected = get_peft_model(copy.deepcopy(base_model), LoraConfig(r=16, target_modules="all-linear")).num_parameters(True)
-if answer is None:
-    print("not answered yet")
-elif answer == expected:
-    print(f"right: {answer:,d}")
-else:
-    print(
-        f"not quite: {answer:,d}. r·(in + out) for q, k, v, o, gate, up, down in every layer (k, v are narrower: GQA)."
-    )
+exercise("cat_combine", cat_combine, CHECKS["cat_combine"])
+
 
 # %% [markdown]
-# **2.** Given `G = dL/dW'` of a merged layer and the adapter's `A`, `B`, `s` (the tensors from the gradient
-# identity section: `G`, `A`, `B`, `s`), compute `dL/dA` with one line of matrix algebra.
+# **2. DoRA's gradients without the detach.** The lesson treated `n = ‖V‖_row` as a constant. Derive the
+# gradients when backward goes through `n` too.
+
 
 # %%
-answer = None  # your code: a tensor of A's shape
+def dora_grads_through_norm(G, W, A, B, s, m):
+    """dL/dm, dL/dA, dL/dB for W' = m * V / ||V||_row, V = W + s B @ A, with the norm NOT detached.
+
+    G (out, in) is dL/dW'; W (out, in), A (r, in), B (out, r), s a float, m (out,). Returns (dm, dA, dB) with
+    the shapes of m, A and B.
+    Hint: for one row v, d(v / |v|) / dv = (I - v v^T / |v|^2) / |v|; then the chain rule as in the lesson.
+    """
+    raise NotImplementedError  # your code
+
 
 # %%
-if answer is None:
-    print("not answered yet")
-elif answer.shape == A.shape and torch.allclose(answer, A.grad, rtol=1e-10, atol=1e-12):
-    print("right: dL/dA = s Bᵀ G")
-else:
-    print(f"not quite: shape {tuple(answer.shape)} (want {tuple(A.shape)}). y = W'x with W' = W + sBA.")
+exercise("dora_grads_through_norm", dora_grads_through_norm, CHECKS["dora_grads_through_norm"])
+
 
 # %% [markdown]
-# **3.** With `lora_alpha=16` and `r=64`, what is the scaling `s` with rsLoRA? And at what rank `r` would the
-# plain `α/r` rule give the same `s` (with the same `α`)? Answer as a tuple `(s, r)`.
+# **3. Undoing a DoRA merge.** `merge_adapter()` writes `W' = m ⊙ (W + sBA)/n` into the base weight. Taking
+# it out again needs `n`, which `LoraLayer.merge` keeps in `layer.dora_norm`: why can `n` not be recomputed
+# from `W'`, `A`, `B`, `s` and `m`?
+
 
 # %%
-answer = None  # your code: (float, int)
+def dora_unmerge(W_merged, A, B, s, m, n):
+    """The base weight W (out, in) from the merged DoRA weight W_merged = (m / n)[:, None] * (W + s B @ A).
+
+    A (r, in), B (out, r), s a float, m (out,) the magnitude, n (out,) the row norms of W + s B @ A at merge time.
+    Hint: undo the two operations of the merge in reverse order.
+    """
+    raise NotImplementedError  # your code
+
 
 # %%
-s_rs = LoraConfig(r=64, lora_alpha=16, use_rslora=True).scaling
-if answer is None:
-    print("not answered yet")
-elif math.isclose(answer[0], s_rs) and LoraConfig(r=answer[1], lora_alpha=16).scaling == s_rs:
-    print(f"right: s = {s_rs}, the same as α/r at r = {answer[1]}")
-else:
-    print(f"not quite: {answer}. rsLoRA: s = α/√r.")
+exercise("dora_unmerge", dora_unmerge, CHECKS["dora_unmerge"])

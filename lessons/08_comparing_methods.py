@@ -20,7 +20,7 @@
 #
 # **What you will build:** one function that fine-tunes a fresh copy of `tiny-shakespeare` on the sonnets with
 # a given method and measures four things —
-# 1. **trainable parameters** (checked against each method's closed form),
+# 1. **trainable parameters** (and, in the exercises, each method's closed form for them),
 # 2. **memory** for training: weights + gradients + AdamW states (counted from the tensors) + activations
 #    (measured with autograd's saved-tensor hooks); on a GPU also the peak that CUDA allocated,
 # 3. **step time**, 4. **held-out loss** —
@@ -29,19 +29,23 @@
 # **What you need to know first:** lesson 01 (the memory bill) and lesson 02 (LoRA); lessons 03–07 for the
 # other methods (the one-line descriptions below are enough to read the results).
 #
-# A caveat to keep in mind: each method gets one reasonable learning rate (not a tuned one) and a short run.
-# The *costs* (parameters, memory) are exact; the *losses* rank the methods on this budget only.
+# Every run is a `minipeft finetune` run: the one budget of lessons 02-08 (`lessons/common.py`: 60 steps of 8
+# blocks of 128 tokens), each method with its command's defaults and its default learning rate, which
+# `benchmarks/sweep_defaults.py` picked from a sweep on this model and on SmolLM2-135M. A caveat to keep in mind:
+# that is one short run per method. The *costs* (parameters, memory) are exact; the *losses* rank the methods on
+# this budget only.
+#
+# Runs in about 10 minutes on a 2-core CPU (measured on 2026-11-30 in full mode, on a machine shared
+# with other jobs: nine training runs of 60 steps); `MINIPEFT_FAST=1` (the tests) trains 10 steps each.
 
 # %%
-import math
-import os
 import time
 
 import matplotlib.pyplot as plt
 import torch
+from common import BATCH, DEVICE, FAST, SEQ_LEN, STEPS, VAL_BATCHES, exercise, finetune_config, lr, sweep
 
-FAST = os.environ.get("MINIPEFT_FAST") == "1"  # the tests set this: fewer steps, every cell still runs
-device = "cuda" if torch.cuda.is_available() else "cpu"
+device = DEVICE
 torch.manual_seed(0)
 print(f"torch {torch.__version__} on {device}{' (fast mode)' if FAST else ''}")
 
@@ -62,49 +66,40 @@ from minipeft import (
 )
 from minipeft.checkpoint import ASSETS
 from minipeft.data import batch_stream, load_text_dataset
-from minipeft.train import TrainConfig, evaluate, train
-
-SEQ_LEN, BATCH = (64, 4) if FAST else (128, 8)
-STEPS = 10 if FAST else 60  # 60 steps: about two passes over the sonnets; many more only overfit
-EVAL_BATCHES = 6 if FAST else None  # None: the whole held-out set
+from minipeft.train import evaluate, train
 
 base, tok = load_pretrained("tiny-shakespeare", device=device)
 train_data, val_data = load_text_dataset(ASSETS / "data" / "sonnets.txt", tok, seq_len=SEQ_LEN)
-base_loss, _ = evaluate(base, val_data, BATCH, max_batches=EVAL_BATCHES)
+base_loss, _ = evaluate(base, val_data, BATCH, max_batches=VAL_BATCHES)
 cfg = base.config
 print(
     f"tiny-shakespeare: {sum(p.numel() for p in base.parameters()):,d} parameters; "
-    f"held-out loss before fine-tuning {base_loss:.3f}; {STEPS} steps of {BATCH}×{SEQ_LEN} tokens per method"
+    f"held-out loss before fine-tuning {base_loss:.3f}; {STEPS} steps of {BATCH}×{SEQ_LEN} tokens per method "
+    f"({STEPS * BATCH / len(train_data):.1f} passes over the {len(train_data) * SEQ_LEN:,d} training tokens)"
 )
 
 # %% [markdown]
 # ## The contenders
 #
-# | method | what trains | lesson |
-# |---|---|---|
-# | full fine-tuning | every weight | 01 |
-# | LoRA r=8 on q, v | `B A` beside `q_proj`, `v_proj` | 02 |
-# | LoRA r=8, all linear | `B A` beside every linear layer of every block | 02 |
-# | DoRA r=8, all linear | LoRA plus one magnitude per output row | 02 |
-# | adapters (Houlsby), b=32 | a bottleneck MLP after attention and after the MLP | 03 |
-# | adapters (Pfeiffer), b=32 | one bottleneck MLP after the MLP | 03 |
-# | prefix tuning, P=16 | 16 learned keys and values in every layer | 04 |
-# | prompt tuning, P=16 | 16 learned input embeddings | 05 |
-# | QLoRA r=8, all linear | LoRA on a base frozen in 4-bit NF4 | 06, 07 |
+# | method | what trains | lesson | the command |
+# |---|---|---|---|
+# | full fine-tuning | every weight | 01 | `--method full` |
+# | LoRA r=8 on q, v | `B A` beside `q_proj`, `v_proj` | 02 | `--method lora` |
+# | LoRA r=8, all linear | `B A` beside every linear layer of every block | 02 | `--method lora --targets all-linear` |
+# | DoRA r=8, all linear | LoRA plus one magnitude per output row | 02 | `... --targets all-linear --dora` |
+# | adapters (Houlsby), b=64 | a bottleneck MLP after attention and after the MLP | 03 | `--method adapter` |
+# | adapters (Pfeiffer), b=64 | one bottleneck MLP after the MLP | 03 | `... --placement pfeiffer` |
+# | prefix tuning, P=20 | 20 learned keys and values in every layer | 04 | `--method prefix` |
+# | prompt tuning, P=20 | 20 learned input embeddings (random init) | 05 | `--method prompt` |
+# | QLoRA r=8, all linear | LoRA on a base frozen in 4-bit NF4 | 06, 07 | `--method qlora` |
 #
-# Each entry builds its model from a fresh copy of the base, gives the trainable-parameter count its
-# method's formula predicts (`D` hidden, `L` layers, `K·hd` the key/value width, `I` the MLP width), and a
-# learning rate: 5e-4 for full fine-tuning, 2e-3 for the LoRA family and adapters, and for prompt and prefix
-# tuning, which need much larger steps, the best of 1e-2, 3e-2 and 1e-1 in a short trial on this task.
+# Each entry builds its model from a fresh copy of the base and takes its command's learning rate, `lr(method)`:
+# the LoRA variants share LoRA's, both adapter placements the adapters'. Prompt and prefix tuning need much
+# larger steps than the others.
 
 # %%
-D, L, I, kv = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size, cfg.num_key_value_heads * cfg.head_dim
 P_full = sum(p.numel() for p in base.parameters())
-r, b, P = 8, 32, 16
-lora_qv = L * r * ((D + D) + (D + kv))  # q: D -> D, v: D -> kv
-lora_all = L * r * ((D + D) + 2 * (D + kv) + (D + D) + 3 * (D + I))  # q, k, v, o, gate, up, down
-dora_rows = L * (D + 2 * kv + D + 2 * I + D)  # one magnitude per output row of each adapted layer
-adapter = 2 * D * b + b + D  # down (b, D) + bias b, up (D, b) + bias D
+r, b, P = 8, 64, 20  # finetune's defaults: rank, bottleneck, virtual tokens
 
 
 def peft(config, quantize=False, **kw):
@@ -125,27 +120,16 @@ def full():
 
 
 all_linear = dict(r=r, lora_alpha=16, target_modules="all-linear")
-METHODS = {  # name: (build, expected trainable parameters, learning rate)
-    "full fine-tuning": (full, P_full, 5e-4),
-    "LoRA q,v": (peft(LoraConfig(r=r, lora_alpha=16, target_modules=["q_proj", "v_proj"])), lora_qv, 2e-3),
-    "LoRA all-linear": (peft(LoraConfig(**all_linear)), lora_all, 2e-3),
-    "DoRA all-linear": (peft(LoraConfig(**all_linear, use_dora=True)), lora_all + dora_rows, 2e-3),
-    "adapters Houlsby": (peft(AdapterConfig(bottleneck_size=b, placement="houlsby")), 2 * L * adapter, 2e-3),
-    "adapters Pfeiffer": (peft(AdapterConfig(bottleneck_size=b, placement="pfeiffer")), L * adapter, 2e-3),
-    "prefix tuning": (peft(PrefixTuningConfig(num_virtual_tokens=P)), P * L * 2 * kv, 1e-1),
-    "prompt tuning": (
-        peft(
-            PromptTuningConfig(
-                num_virtual_tokens=P,
-                prompt_tuning_init="TEXT",
-                prompt_tuning_init_text="Shall I compare thee to a summer's day?",
-            ),
-            tokenizer=tok,
-        ),
-        P * D,
-        3e-2,
-    ),
-    "QLoRA all-linear": (peft(LoraConfig(**all_linear), quantize=True), lora_all, 2e-3),
+METHODS = {  # name: (build, finetune's method (its learning rate), the sweep's name for this run)
+    "full fine-tuning": (full, "full", "full"),
+    "LoRA q,v": (peft(LoraConfig(r=r, lora_alpha=16, target_modules=["q_proj", "v_proj"])), "lora", "lora"),
+    "LoRA all-linear": (peft(LoraConfig(**all_linear)), "lora", "lora_all"),
+    "DoRA all-linear": (peft(LoraConfig(**all_linear, use_dora=True)), "lora", None),
+    "adapters Houlsby": (peft(AdapterConfig(bottleneck_size=b, placement="houlsby")), "adapter", "adapter"),
+    "adapters Pfeiffer": (peft(AdapterConfig(bottleneck_size=b, placement="pfeiffer")), "adapter", None),
+    "prefix tuning": (peft(PrefixTuningConfig(num_virtual_tokens=P)), "prefix", "prefix"),
+    "prompt tuning": (peft(PromptTuningConfig(num_virtual_tokens=P)), "prompt", "prompt"),
+    "QLoRA all-linear": (peft(LoraConfig(**all_linear), quantize=True), "qlora", "qlora"),
 }
 
 # %% [markdown]
@@ -212,16 +196,17 @@ def optimizer_bytes(model, batch):  # gradients + AdamW states, measured after o
 
 # %%
 def run(name):
-    build, expected, lr = METHODS[name]
+    build, method, _ = METHODS[name]
     gc.collect()  # the previous method's model and optimizer are garbage now: free them
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()  # the base model and whatever else the notebook holds
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # as `minipeft finetune`: the adapter's initial weights come from the global RNG
     model = build()
     trainable = sum(p.numel() for _, p in trainable_parameters(model))
-    assert trainable == expected, f"{name}: {trainable} trainable parameters, the formula says {expected}"
+    if hasattr(model, "get_nb_trainable_parameters"):  # a PeftModel counts its own (PEFT's method)
+        assert trainable == model.get_nb_trainable_parameters()[0]
     batch = next(batch_stream(train_data, BATCH, seed=0))
     weights = memory_report(model)["total_bytes"]
     activations = activation_bytes(model, batch)
@@ -230,21 +215,7 @@ def run(name):
     assert grads == 4 * trainable and states == 8 * trainable  # float32 gradient, exp_avg, exp_avg_sq
     assert all(torch.equal(p, start[n]) for n, p in model.named_parameters())  # lr 0: nothing moved
     del start
-    metrics = train(
-        model,
-        train_data,
-        val_data,
-        TrainConfig(
-            steps=STEPS,
-            lr=lr,
-            batch_size=BATCH,
-            warmup_ratio=0.1,
-            log_every=1,
-            eval_batches=EVAL_BATCHES,
-            progress=False,
-            seed=0,
-        ),
-    )
+    metrics = train(model, train_data, val_data, finetune_config(method, log_every=1))
     step_s = statistics.median(BATCH * SEQ_LEN / e["tokens_per_s"] for e in metrics["train"][1:])
     return dict(
         trainable=trainable,
@@ -272,7 +243,7 @@ for name in METHODS:
 MiB = 2**20
 header = (
     f"{'method':18s} {'trainable':>10s} {'%':>7s} {'weights':>8s} {'grad+Adam':>9s} {'activ.':>7s} "
-    f"{'total':>7s} {'step ms':>8s} {'held-out':>8s}"
+    f"{'total':>7s} {'step ms':>8s} {'held-out':>8s} {'sweep':>6s}"
 )
 if device == "cuda":
     header += f" {'CUDA peak':>9s}"
@@ -284,13 +255,22 @@ for name, r_ in results.items():
         f"{r_['weights'] / MiB:>7.1f}M {(r_['grads'] + r_['states']) / MiB:>8.1f}M "
         f"{r_['activations'] / MiB:>6.1f}M {total / MiB:>6.1f}M {r_['step_ms']:>8.0f} {r_['val_loss']:>8.3f}"
     )
+    _, method, variant = METHODS[name]
+    swept = sweep(variant, lr(method)) if variant else None  # the same command in benchmarks/README.md's sweep
+    line += f" {swept['last']:>6.3f}" if swept else f" {'-':>6s}"
     if device == "cuda":
         line += f" {r_['cuda_peak'] / MiB:>8.1f}M"
     print(line)
 print(
     f"\nbase model, no training: held-out loss {base_loss:.3f}.  Memory in MiB (2**20 bytes); "
-    f"{'accounted on the CPU (no allocator counter there)' if device != 'cuda' else 'CUDA peak measured'}."
+    f"{'accounted on the CPU (no allocator counter there)' if device != 'cuda' else 'CUDA peak measured'}.\n"
+    f"sweep: the held-out loss of the same `minipeft finetune` run in benchmarks/README.md's learning-rate sweep "
+    f"(60 steps, this model, a 2-core CPU){'; this run is fast mode: ' + str(STEPS) + ' steps' if FAST else ''}."
 )
+if not FAST and device == "cpu":  # the same runs: equal up to the order of floating-point sums (thread count)
+    for name, (_, method, variant) in METHODS.items():
+        if variant:
+            assert abs(results[name]["val_loss"] - sweep(variant, lr(method))["last"]) < 0.01, name
 
 # %% [markdown]
 # Checks that hold whatever the random seeds: only full fine-tuning pays gradients and AdamW states for every
@@ -359,29 +339,52 @@ plt.show()
 # %% [markdown]
 # ## Reading the results
 #
+# The numbers the discussion below rests on, from the runs above:
+
+# %%
+lora_all = results["LoRA all-linear"]
+print(
+    f"full fine-tuning trains {results['full fine-tuning']['trainable'] / lora_all['trainable']:.0f}x the parameters "
+    f"of LoRA all-linear and keeps {fixed['full fine-tuning'] / MiB:.1f} MiB of gradients and AdamW states, "
+    f"against {fixed['LoRA all-linear'] / MiB:.2f} MiB"
+)
+print(
+    f"weights: QLoRA {results['QLoRA all-linear']['weights'] / MiB:.1f} MiB, LoRA {lora_all['weights'] / MiB:.1f} MiB "
+    f"(of which the float32 embedding: {base.model.embed_tokens.weight.numel() * 4 / MiB:.1f} MiB)"
+)
+print(f"activations: DoRA {results['DoRA all-linear']['activations'] / lora_all['activations']:.2f}x LoRA's")
+print("step time against LoRA all-linear: " + ", ".join(
+    f"{n} {results[n]['step_ms'] / lora_all['step_ms']:.2f}x" for n in ("full fine-tuning", "QLoRA all-linear")))  # fmt: skip
+print(f"trainable: prompt tuning {results['prompt tuning']['trainable']:,d}, "
+      f"prefix tuning {results['prefix tuning']['trainable']:,d}")  # fmt: skip
+print("held-out loss, lowest first: " + ", ".join(
+    f"{n} {results[n]['val_loss']:.3f}" for n in sorted(results, key=lambda n: results[n]["val_loss"])))  # fmt: skip
+
+# %% [markdown]
 # * **Memory.** Full fine-tuning's gradients and AdamW states are three copies of the model; every PEFT
-#   method shrinks them to almost nothing. What is left is the frozen weights (which QLoRA cuts by ~8× against
-#   float32 where it quantizes; the embedding stays in float32 here) and the activations, which **no** method removes:
-#   backward must still pass through every frozen layer. At this model size the activations dominate; for a
-#   7B model the weights and optimizer states do, which is where LoRA and QLoRA pay off. DoRA keeps more
-#   activations than LoRA: in every adapted layer it multiplies both the base output and the LoRA output by
-#   the magnitude ratio `m / ‖W + sBA‖`, and autograd keeps both `(tokens × out_features)` products for
-#   backward, where LoRA keeps only its `r`-wide intermediate.
+#   method shrinks them to almost nothing. What is left is the frozen weights (QLoRA keeps its linear layers in 4
+#   bits instead of 32, but this model's float32 embedding, which no method quantizes, is a large part of its
+#   bytes) and the activations, which **no** method removes: backward must still pass through every frozen
+#   layer. At this model size the activations dominate; for a 7B model the weights and optimizer states do, which
+#   is where LoRA and QLoRA pay off (lesson 07 writes that budget). DoRA keeps more activations than LoRA: in
+#   every adapted layer it multiplies both the base output and the LoRA output by the magnitude ratio
+#   `m / ‖W + sBA‖`, and autograd keeps both `(tokens × out_features)` products for backward, where LoRA keeps
+#   only its `r`-wide intermediate.
 # * **Time.** A PEFT step is not much cheaper than a full one: the forward and backward passes through the
-#   frozen model are the bulk of the work. QLoRA is slower per step: it dequantizes every weight on every
-#   pass (a fused 4-bit kernel would not).
-# * **Quality.** With a short budget and untuned learning rates, methods that touch every layer's weights
-#   (full, LoRA, DoRA, QLoRA) adapt fastest; prompt and prefix tuning train a few thousand numbers and move
-#   slowly on a small model (the prompt-tuning paper found it only catches up at billions of parameters).
-#   Prefix tuning also starts *behind*: its keys and values start random, and every token attends to them, so
-#   its first losses are above the base model's (see its curve) and the first steps go to undoing that.
-#   Full fine-tuning trains 25 times more parameters than LoRA all-linear and is the first to overfit the
-#   26,000 training tokens (lesson 01's curves).
+#   frozen model are the bulk of the work (the step-time ratios above). QLoRA also dequantizes every weight on
+#   every pass, in forward and again in backward, which a fused 4-bit kernel would avoid. On a shared CPU the
+#   step times are noisy: compare ratios within one run, not across runs.
+# * **Quality.** Compare the held-out losses with the base model's (the dashed line) and with each other, on this
+#   budget only. Prompt and prefix tuning train the fewest numbers and need the largest learning rates; prefix
+#   tuning also starts *behind*: its keys and values start random and every token attends to them, so its first
+#   losses are above the base model's (see its curve) and its first steps go to undoing that. The `sweep` column
+#   is the same command run by `benchmarks/sweep_defaults.py`: on a CPU the two agree up to the order of
+#   floating-point sums.
 #
 # ## Summary
 #
-# You trained nine methods on one task under one loop — [`minipeft/train.py`](../minipeft/train.py) — and
-# measured trainable parameters (matching each method's formula), memory (weights via
+# You trained nine methods on one task under one loop — [`minipeft/train.py`](../minipeft/train.py), on the
+# budget of `minipeft finetune` — and measured trainable parameters, memory (weights via
 # [`minipeft/nf4.py`](../minipeft/nf4.py)'s `memory_report`, gradients and optimizer states from the
 # optimizer's own tensors, activations from autograd's saved tensors), step time and held-out loss. The
 # methods live in [`lora.py`](../minipeft/lora.py), [`adapter.py`](../minipeft/adapter.py),
@@ -390,56 +393,51 @@ plt.show()
 #
 # ## Exercises
 #
-# **1.** Which **PEFT** method (that is, not full fine-tuning) reached the lowest held-out loss in your run?
-# Give its name as in the table — and before you look, guess.
+# Each exercise is a function to write: replace `raise NotImplementedError` with your code and run the cell
+# below it. The check calls your function on fixed inputs and compares it with an independent reference; it
+# says what differs, never the answer. (Stuck? [`solutions/l08.py`](solutions/l08.py).)
+#
+# **1. LoRA's trainable parameters in closed form.** The table's `trainable` column, without building the model: the
+# check compares your count with `PeftModel.get_nb_trainable_parameters()` on small models, with grouped-query
+# attention and with DoRA.
 
 # %%
-answer = None  # your code: a name from the table, e.g. "LoRA q,v"
+from exercises.l08 import CHECKS
+
+
+def lora_trainable(config, r, target_modules, use_dora=False):
+    """Trainable parameters of LoraConfig(r=r, target_modules=target_modules, use_dora=use_dora) on a model of
+    this ModelConfig. Returns an int.
+
+    target_modules: a list of names among "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+    "down_proj", each present once in every one of config.num_hidden_layers blocks. An adapted Linear (out, in)
+    gets A (r, in) and B (out, r); DoRA adds one magnitude per output row. Use config.hidden_size,
+    config.intermediate_size, config.num_attention_heads, config.num_key_value_heads and config.head_dim.
+    Hint: model.py's Attention says each projection's (in, out).
+    """
+    raise NotImplementedError  # your code
+
 
 # %%
-best = min((n for n in results if n != "full fine-tuning"), key=lambda n: results[n]["val_loss"])
-if answer is None:
-    print("not answered yet")
-elif answer == best:
-    print(f"right: {best} ({results[best]['val_loss']:.3f})")
-else:
-    print(f"not quite: {answer!r}. Sort the PEFT rows by the held-out column.")
+exercise("lora_trainable", lora_trainable, CHECKS["lora_trainable"])
+
 
 # %% [markdown]
-# **2.** Add a method: LoRA with `r=64` on all linear layers (`lora_alpha=16`, learning rate `2e-3`). Put the
-# entry into `METHODS` under the name `"LoRA r=64"` (with its formula for the trainable parameters), run it
-# with `run`, and store the result in `answer`.
+# **2. Prefix tuning's trainable parameters**, with and without the reparameterisation MLP (lesson 04).
+
 
 # %%
-answer = None  # your code: METHODS["LoRA r=64"] = (...); answer = run("LoRA r=64")
+def prefix_trainable(config, num_virtual_tokens, prefix_projection=False, encoder_hidden_size=None):
+    """Trainable parameters of PrefixTuningConfig(num_virtual_tokens, prefix_projection, encoder_hidden_size) on a
+    model of this ModelConfig. Returns an int.
+
+    Without projection the table itself trains: for each virtual token, a key and a value in every layer, each
+    of the key/value width (token_dim). With projection: an embedding (P, token_dim) and an MLP token_dim -> E ->
+    num_hidden_layers * 2 * token_dim, two nn.Linear with biases; E = encoder_hidden_size, or token_dim if None.
+    Hint: with grouped-query attention, how wide is one layer's key?
+    """
+    raise NotImplementedError  # your code
+
 
 # %%
-if answer is None:
-    print("not answered yet")
-elif answer["trainable"] == 8 * lora_all:
-    print(f"right: {answer['trainable']:,d} trainable parameters (8× r=8), held-out loss {answer['val_loss']:.3f}")
-else:
-    print(f"not quite: {answer['trainable']:,d} trainable parameters; r=64 has 8× the parameters of r=8")
-
-# %% [markdown]
-# **3.** The activations are the one cost no method removes. At what batch size (sequences of `SEQ_LEN`
-# tokens) would LoRA all-linear's activations alone exceed full fine-tuning's weights + gradients + AdamW
-# states? Use the activation bytes measured above (they are linear in the batch). Answer with the smallest
-# such batch size, an int.
-
-# %%
-answer = None  # your code: an int
-
-# %%
-per_seq = results["LoRA all-linear"]["activations"] / BATCH
-full_fixed = sum(results["full fine-tuning"][k] for k in ("weights", "grads", "states"))
-expected = math.floor(full_fixed / per_seq) + 1
-if answer is None:
-    print("not answered yet")
-elif answer == expected:
-    print(f"right: {expected} sequences of {SEQ_LEN} tokens")
-else:
-    print(
-        f"not quite: {answer}. One sequence saves {per_seq / MiB:.2f} MiB; full fine-tuning's fixed bill is "
-        f"{full_fixed / MiB:.1f} MiB."
-    )
+exercise("prefix_trainable", prefix_trainable, CHECKS["prefix_trainable"])

@@ -14,8 +14,8 @@
 # %% [markdown]
 # # 09 · Many adapters on one base
 #
-# An adapter is a few hundred kilobytes; the base model is the big part. So one base can serve many tasks:
-# keep the base in memory once, and switch, combine or mix the small adapters.
+# An adapter is small next to its base model (below, one adapter's file is a few percent of the base's weights).
+# So one base can serve many tasks: keep the base in memory once, and switch, combine or mix the small adapters.
 #
 # **What you will build:** two LoRA adapters on one `tiny-shakespeare` base — one for the sonnets, one for the
 # sonnets in CAPITALS — then
@@ -27,16 +27,18 @@
 #
 # **What you need to know first:** lesson 02 (LoRA: `ΔW = s·BA`, merging); the singular value decomposition
 # (for `svd`).
+#
+# Runs in about 3 minutes on a 2-core CPU (measured on 2026-11-30 in full mode, on a machine shared with
+# other jobs); `MINIPEFT_FAST=1` (the tests) trains 10 steps instead of 60.
 
 # %%
 import math
-import os
 
 import matplotlib.pyplot as plt
 import torch
+from common import BATCH, DEVICE, FAST, SEQ_LEN, VAL_BATCHES, exercise, finetune_config
 
-FAST = os.environ.get("MINIPEFT_FAST") == "1"  # the tests set this: fewer steps, every cell still runs
-device = "cuda" if torch.cuda.is_available() else "cpu"
+device = DEVICE
 torch.manual_seed(0)
 print(f"torch {torch.__version__} on {device}{' (fast mode)' if FAST else ''}")
 
@@ -44,7 +46,8 @@ print(f"torch {torch.__version__} on {device}{' (fast mode)' if FAST else ''}")
 # ## Two tasks, two adapters
 #
 # The second task is the same poems in upper case: easy to tell apart at a glance, and a real shift for the
-# model (its training text has capitals mainly in speakers' names). Both use the same LoRA configuration.
+# model (its training text has capitals mainly in speakers' names). Both use the same LoRA configuration, and
+# the one training budget of lessons 02-08 (`lessons/common.py`, `minipeft finetune --method lora`'s).
 
 # %%
 import copy
@@ -54,11 +57,7 @@ from pathlib import Path
 from minipeft import LoraConfig, PeftModel, get_peft_model, load_pretrained
 from minipeft.checkpoint import ASSETS
 from minipeft.data import load_text_dataset
-from minipeft.train import TrainConfig, evaluate, train
-
-SEQ_LEN, BATCH = (64, 4) if FAST else (128, 8)
-STEPS = 8 if FAST else 60  # 60 steps: about two passes over the sonnets; many more only overfit
-EVAL_BATCHES = 4 if FAST else None  # None: the whole held-out set
+from minipeft.train import evaluate, train
 
 base, tok = load_pretrained("tiny-shakespeare", device=device)
 sonnets = ASSETS / "data" / "sonnets.txt"  # the bundled fine-tuning data
@@ -91,14 +90,7 @@ for task in ["sonnets", "caps"]:
     trainable = {n.split(".")[-2] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {task}  # ...lora_A.<adapter>.weight: only the active adapter trains
     tr, va = data[task]
-    m = train(
-        model,
-        tr,
-        va,
-        TrainConfig(
-            steps=STEPS, lr=2e-3, batch_size=BATCH, warmup_ratio=0.1, eval_batches=EVAL_BATCHES, progress=False, seed=0
-        ),
-    )
+    m = train(model, tr, va, finetune_config("lora"))
     print(f"trained {task!r}: held-out loss on its task {m['val_loss']:.3f}")
 
 # %% [markdown]
@@ -111,6 +103,9 @@ for task in ["sonnets", "caps"]:
 # %%
 model.save_pretrained(workdir / "adapters")
 print(sorted(str(p.relative_to(workdir)) for p in (workdir / "adapters").rglob("*")))
+adapter_kb = (workdir / "adapters" / "sonnets" / "adapter_model.safetensors").stat().st_size / 1e3
+base_kb = sum(p.numel() * p.element_size() for p in base.parameters()) / 1e3
+print(f"one adapter's file: {adapter_kb:,.0f} kB; the base model's weights: {base_kb:,.0f} kB")
 ids = data["sonnets"][1].input_ids[0][None].to(device)
 
 for task in ["sonnets", "caps"]:
@@ -132,9 +127,9 @@ for task in ["sonnets", "caps"]:
 def losses_of(adapter):
     if adapter == "base":
         with model.disable_adapter():
-            return [evaluate(model, data[t][1], BATCH, EVAL_BATCHES)[0] for t in data]
+            return [evaluate(model, data[t][1], BATCH, VAL_BATCHES)[0] for t in data]
     model.set_adapter(adapter)
-    return [evaluate(model, data[t][1], BATCH, EVAL_BATCHES)[0] for t in data]
+    return [evaluate(model, data[t][1], BATCH, VAL_BATCHES)[0] for t in data]
 
 
 table = {a: losses_of(a) for a in ["base", "sonnets", "caps"]}
@@ -262,51 +257,48 @@ for a, row in zip(rows, out):
 #
 # ## Exercises
 #
-# **1.** What rank does `combination_type="cat"` give for an adapter of rank 8 and one of rank 4? And which
-# combination type would you use to get **exactly** `0.7·ΔW_sonnets + 0.3·ΔW_caps`? Answer `(rank, type)`.
+# Each exercise is a function to write: replace `raise NotImplementedError` with your code and run the cell
+# below it. The check calls your function on fixed inputs and compares it with an independent reference; it
+# says what differs, never the answer. (Stuck? [`solutions/l09.py`](solutions/l09.py).)
+#
+# **1. The routing of a mixed batch.** Write what one LoRA layer does with `adapter_names`; the check runs a small
+# `PeftModel` with `adapter_names` and compares your layer's output with what its `q_proj` returned.
 
 # %%
-answer = None  # your code: (int, str)
+from exercises.l09 import CHECKS
+
+
+def mixed_lora(x, base_out, adapters, row_adapters):
+    """One LoRA layer on a mixed batch.
+
+    x (B, T, in): the layer's input; base_out (B, T, out): the base layer's output for it (W x + b);
+    adapters: {name: (A (r, in), B (out, r), scaling)}; row_adapters: B names, one per row, "__base__" for none.
+    Returns (B, T, out): row i is base_out[i] + s B A x[i] for its adapter, or base_out[i] for "__base__".
+    Do not modify base_out in place. Hint: gather the rows of each adapter with an index tensor, x[rows].
+    """
+    raise NotImplementedError  # your code
+
 
 # %%
-if answer is None:
-    print("not answered yet")
-elif tuple(answer) == (12, "cat"):
-    print("right: cat stacks the factors, so ranks add and the sum is exact")
-else:
-    print(f"not quite: {answer}. Which method keeps every factor, unchanged but scaled?")
+exercise("mixed_lora", mixed_lora, CHECKS["mixed_lora"])
+
 
 # %% [markdown]
-# **2.** Using only the singular values `S` of the exact sum computed above, what would `svd`'s squared
-# error be for `svd_rank=4` in that layer? Then check yourself with `add_weighted_adapter`.
+# **2. The `svd` combination.** Build `add_weighted_adapter(..., combination_type="svd")`'s factors from the
+# adapters; the check compares them with the library's on a small model, and your error with the one it reports.
+
 
 # %%
-answer = None  # your code: a float
+def svd_combine(adapters, weights, rank):
+    """The best rank-`rank` approximation of sum_i w_i s_i B_i A_i, as factors, and what it drops.
+
+    adapters: a list of (A_i (r_i, in), B_i (out, r_i), s_i); weights: a list of floats w_i.
+    Returns (A (rank, in), B (out, rank), error): B @ A is the truncated sum (the new adapter's scaling is 1),
+    error a float, the squared Frobenius norm of (the exact sum - B @ A).
+    Hint: torch.linalg.svd(delta, full_matrices=False) returns U, S, Vh with delta = U diag(S) Vh.
+    """
+    raise NotImplementedError  # your code
+
 
 # %%
-if answer is None:
-    print("not answered yet")
-else:
-    got = model.add_weighted_adapter(["sonnets", "caps"], weights, "mix_svd4", combination_type="svd", svd_rank=4)
-    model.delete_adapter("mix_svd4")
-    if math.isclose(answer, got[name], rel_tol=1e-3):
-        print(f"right: {answer:.4g}, the sum of the squared singular values after the 4th")
-    else:
-        print(f"not quite: {answer:.4g}; add_weighted_adapter reports {got[name]:.4g}")
-
-# %% [markdown]
-# **3.** Mixed batches work for LoRA layers only while they are unmerged: what does `model.merge_adapter()`
-# followed by a forward with `adapter_names` do? Try it and put the exception's class in `answer`
-# (then call `model.unmerge_adapter()` to restore the model).
-
-# %%
-answer = None  # your code: e.g. try: ... except Exception as e: answer = type(e)
-
-# %%
-model.unmerge_adapter()  # in case the exercise left it merged
-if answer is None:
-    print("not answered yet")
-elif answer is ValueError:
-    print("right: a merged weight is W + sBA for ONE adapter, so rows cannot choose anymore")
-else:
-    print(f"not quite: {answer}")
+exercise("svd_combine", svd_combine, CHECKS["svd_combine"])

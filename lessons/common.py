@@ -66,3 +66,27 @@ def check_close(name, ours, reference, rtol=1e-7, atol=1e-10):
     ours, reference = ours.detach().double(), reference.detach().double()
     ok = torch.allclose(ours, reference, rtol=rtol, atol=atol)
     assert ok, f"{name}: differs from the reference by up to {(ours - reference).abs().max().item():.2e}"
+
+
+def finetune_config(method, **changes):
+    """`minipeft finetune --method <method>`'s TrainConfig on this budget (its lr, warmup, evaluation, clipping and
+    seed), with `changes` on top. Seed the global RNG (torch.manual_seed(0)) before building the adapter, as the
+    command does: the run is then the command's, and benchmarks/README.md's sweep row (see `sweep`)."""
+    from minipeft.train import TrainConfig
+
+    settings = dict(steps=STEPS, lr=lr(method), batch_size=BATCH, warmup_ratio=0.05, eval_every=20,
+                    eval_batches=VAL_BATCHES, max_grad_norm=1.0, seed=0, progress=False)  # fmt: skip
+    return TrainConfig(**{**settings, **changes})
+
+
+def sweep(variant, learning_rate):
+    """The run of benchmarks/README.md's learning-rate sweep on the bundled model (60 steps, this CPU) for a
+    variant ("lora", "lora_all", "qlora", "dora", "adapter", "prefix", "prompt", "full") at a learning rate: a dict
+    with "before" and "last" (held-out losses at step 0 and 60) and "eval"; None if the sweep has no such run."""
+    import json
+    from pathlib import Path
+
+    runs = {}
+    for path in sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "results").glob("sweep-tiny-cpu*.json")):
+        runs |= {(r["method"], r["lr"]): r for r in json.loads(path.read_text())["runs"]}
+    return runs.get((variant, learning_rate))
