@@ -122,7 +122,7 @@ def build_parser():
     g = f.add_argument_group("training")
     g.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default: per method, below)")
     g.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: per method, below)")
-    g.add_argument("--batch-size", type=positive_int, default=8)
+    g.add_argument("--batch-size", type=positive_int, default=None, help="rows per micro-batch and process (default 8)")
     g.add_argument("--grad-accum", type=positive_int, default=1)
     g.add_argument("--seq-len", type=positive_int, default=128)
     g.add_argument("--eval-every", type=nonneg_int, default=20)
@@ -145,6 +145,15 @@ def build_parser():
     f.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --out that already holds a run (its run files are replaced)")  # fmt: skip
     f.add_argument("--no-samples", action="store_true", help="skip the before/after samples")
+    g = f.add_argument_group("several processes (torch.distributed; also: torchrun --nproc_per_node N -m minipeft.cli)")
+    g.add_argument("--nproc", type=positive_int, default=None, metavar="N",
+                   help="train on N processes (one per GPU; gloo on CPU), launched through torchrun's API: "
+                   "DDP for adapters, FSDP2 with --fsdp; --batch-size is per process")  # fmt: skip
+    g.add_argument(
+        "--fsdp", action="store_true", help="shard every weight, gradient and AdamW state (FSDP2): --method full"
+    )
+    g.add_argument("--global-batch", type=positive_int, default=None, metavar="G",
+                   help="rows per optimizer step over all processes: --batch-size becomes G / (N x --grad-accum)")  # fmt: skip
     f.epilog = "defaults per method (measured: benchmarks/sweep_defaults.py):\n" + "\n".join(
         f"  {m:8s} " + ", ".join(f"{k} {v}" for k, v in d.items()) for m, d in METHOD_DEFAULTS.items()
     )
@@ -372,6 +381,85 @@ def held_out_prompt(val_data):
 
 
 def cmd_finetune(args):
+    """One process, or N (--nproc N launches them through torchrun's API; under torchrun each one runs this)."""
+    import contextlib
+    import io
+
+    from . import distributed
+
+    n = finetune_processes(args)
+    if n > 1 and not distributed.launched():  # check everything here first, then start the N processes
+        out = _finetune(args, check_only=True)
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+        from torch.distributed.run import parse_args, run
+
+        cmd = ["--standalone", f"--nproc-per-node={n}", "--module", "minipeft.cli", *map(str, args.argv)]
+        try:
+            run(parse_args(cmd))
+        except ChildFailedError as e:
+            rank, failure = e.get_first_failure()
+            raise SystemExit(
+                f"error: finetune failed on rank {rank} (exit code {failure.exitcode}), see above"
+            ) from None
+        from .files import read_json
+
+        return read_json(out / "metrics.json", expect=dict)
+    if not distributed.launched():
+        return _finetune(args)
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    try:
+        device = distributed.setup(args.device)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    quiet = contextlib.redirect_stdout(io.StringIO()) if distributed.world()[0] else contextlib.nullcontext()
+    try:
+        with quiet:  # rank 0 prints; errors (stderr) come from every rank
+            return record(_finetune)(args, device=device)  # (record: torchrun reports a rank's error)
+    finally:
+        distributed.teardown()
+
+
+def finetune_processes(args):
+    """The number of processes, after checking --nproc, --fsdp and --global-batch (sets the per-process
+    --batch-size). Under torchrun it is its WORLD_SIZE."""
+    from . import distributed
+
+    nproc, fsdp, global_batch = (getattr(args, k, None) for k in ("nproc", "fsdp", "global_batch"))
+    launched_n = distributed.env()[1] if distributed.launched() else None
+    if launched_n is not None and nproc is not None and nproc != launched_n:
+        raise SystemExit(f"error: --nproc {nproc} but torchrun started {launched_n} processes: give one of them")
+    n = launched_n or nproc or 1
+    if fsdp and args.method not in distributed.FSDP_METHODS:
+        raise SystemExit(
+            f"error: --fsdp shards --method {', '.join(distributed.FSDP_METHODS)}, not --method {args.method}: "
+            "train adapters data-parallel (--nproc N without --fsdp)"
+        )
+    if fsdp and launched_n is None and n == 1:
+        raise SystemExit("error: --fsdp shards over several processes: add --nproc N (or launch with torchrun)")
+    if n > 1:
+        try:
+            distributed.check_devices(n, args.device)
+        except ValueError as e:
+            raise SystemExit(f"error: --nproc {n}: {e}") from None
+    if global_batch is not None:
+        if args.batch_size is not None:
+            raise SystemExit("error: give --global-batch or --batch-size, not both")
+        if global_batch % (n * args.grad_accum):
+            raise SystemExit(
+                f"error: --global-batch {global_batch} is not divisible by {n} processes x --grad-accum "
+                f"{args.grad_accum} = {n * args.grad_accum}: choose a multiple of {n * args.grad_accum}"
+            )
+        args.batch_size = global_batch // (n * args.grad_accum)
+    elif args.batch_size is None:
+        args.batch_size = 8
+    return n
+
+
+def _finetune(args, device=None, check_only=False):
+    import contextlib
+
+    from . import distributed
     from .checkpoint import load_pretrained, save_pretrained
     from .data import load_dataset
     from .files import run_lock
@@ -382,7 +470,8 @@ def cmd_finetune(args):
     # 1. Check everything that can be checked before loading anything.
     method_args(args)
     config = build_peft_config(args)
-    device = pick_device(args.device)
+    device = device or pick_device(args.device)
+    rank = distributed.world()[0]  # (0 in one process) rank 0 writes the run's files
     dtype = pick_dtype(args.dtype, device) if args.method != "full" else torch.float32
     if not Path(args.data).exists():
         raise SystemExit(f"error: --data {args.data} does not exist")
@@ -406,12 +495,16 @@ def cmd_finetune(args):
         lora_plus_ratio=args.lora_plus,
         out_dir=str(out),
         compile=args.compile,
+        fsdp=bool(getattr(args, "fsdp", False)),
         max_grad_norm=None if args.optimizer_in_backward else 1.0,
         optimizer_in_backward=args.optimizer_in_backward,
         early_stop=args.early_stop,
     )
     if args.method == "qlora":
         check_blocksize(args.blocksize)
+    if check_only:
+        return out
+    distributed.barrier()  # every rank checked the folder before rank 0 writes into it
 
     # 2. Load the model and the data. Seeded first: the adapter's initial weights come from the global RNG.
     torch.manual_seed(args.seed)
@@ -448,7 +541,7 @@ def cmd_finetune(args):
         model = get_peft_model(model, config, tokenizer=tokenizer)
         model.print_trainable_parameters()
     prompt = held_out_prompt(val_data)
-    before_text = None if args.no_samples else sample(model, tokenizer, prompt, device)
+    before_text = None if args.no_samples or rank else sample(model, tokenizer, prompt, device)
 
     # 3. Train, keeping the model of the lowest held-out loss as the run's result (adapter/ or model/), and the
     # last one beside it (adapter-last/ or model-last/). Each checkpoint also holds the adapter, in PEFT's format.
@@ -457,29 +550,34 @@ def cmd_finetune(args):
     def save(m, path):
         m.save_pretrained(path) if config is not None else save_pretrained(m, path, tokenizer)
 
-    with run_lock(out):
-        if args.overwrite:  # start afresh: the files of the earlier run are replaced (or removed, when not rewritten)
+    with run_lock(out) if rank == 0 else contextlib.nullcontext():
+        if (
+            args.overwrite and rank == 0
+        ):  # start afresh: the files of the earlier run are replaced (or removed, when not rewritten)
             for stale in (out / n for n in ("checkpoint", "checkpoint.old", f"{kind}-last", "metrics.json")):
                 if stale.is_dir():
                     shutil.rmtree(stale)
                 elif stale.exists():
                     stale.unlink()
-        (out / "command.txt").write_text(shlex.join(["minipeft", *map(str, args.argv)]) + "\n")
+        if rank == 0:
+            (out / "command.txt").write_text(shlex.join(["minipeft", *map(str, args.argv)]) + "\n")
         if args.compile:
             print("compiling the blocks (torch.compile): the first step takes longer")
         metrics = train(model, train_data, val_data, tcfg, resume=args.resume,
                         on_save=lambda m, p: save(m, Path(p) / "adapter") if config is not None else None,
                         on_best=lambda m, step, loss: save(m, out / kind))  # fmt: skip
-        save(model, out / f"{kind}-last")
+        final = distributed.gathered_model(model)  # FSDP: the full weights, on rank 0 (every rank gathers)
+        if rank == 0:
+            save(final, out / f"{kind}-last")
     evals, best = metrics["eval"], metrics.get("best")
     before = next(e["val_loss"] for e in evals if e["step"] == 0) if evals and evals[0]["step"] == 0 else None
     last = evals[-1]
     print(f"held-out loss: before {'?' if before is None else f'{before:.4f}'} -> after {last['val_loss']:.4f} "
           f"(step {last['step']}); best {best['val_loss']:.4f} at step {best['step']}, kept as {out / kind}/")  # fmt: skip
-    if before_text is not None:
+    if before_text is not None and final is not None:
         print(
             f"\n--- prompt (held-out): {tokenizer.decode(prompt)!r}\n--- before:\n{before_text}\n--- after:\n"
-            f"{sample(model, tokenizer, prompt, device)}\n"
+            f"{sample(final, tokenizer, prompt, 'cpu' if getattr(args, 'fsdp', False) else device)}\n"
         )  # fmt: skip (the last step's model)
     print(f"wrote {out}/ ({kind}/ the best, {kind}-last/, metrics.json, checkpoint/, command.txt)")
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -9,6 +9,7 @@ equal to the reference path (tests/test_fast.py: loss, gradients, weights after 
     fast.chunked_loss(model, enabled=True)             the training loss straight from the hidden states, in chunks
     fast.step_in_backward(optimizer)                   step each parameter inside backward, free its gradient
     fast.Engine(model, optimizer, cfg)                 what train() asks for, from its TrainConfig
+    fast.parallel(model, cfg, device)                  several processes (torchrun): DDP, or FSDP2 with cfg.fsdp
 
 How they attach. A Block's forward, and a 4-bit layer's, are replaced on the instance (never in the class): the
 replacement runs the compiled and/or checkpointed version while training, and the plain forward otherwise, so
@@ -236,6 +237,15 @@ def step_in_backward(optimizer):
 
 
 # ------------------------------------------------------------------------------------------ what train() uses
+
+
+def parallel(model, cfg, device):
+    """The processes train() runs on: under torchrun, DDP for adapters or FSDP2 (cfg.fsdp) sharding every weight;
+    with one process, nothing. The code is distributed.py (Parallel); tests/test_distributed.py checks N
+    processes train exactly as one process with an N times larger batch."""
+    from .distributed import Parallel
+
+    return Parallel(model, cfg, device)
 
 
 class Engine:

@@ -42,7 +42,12 @@ model (the CLI keeps its adapter, as HF Trainer's load_best_model_at_end). When 
 overfit_patience evaluations in a row while the training loss fell, one line says the run is overfitting;
 early_stop=N stops after N evaluations without a new best (HF's EarlyStoppingCallback).
 
-Not done: fp16 autocast (it needs a GradScaler; bf16 does not), several GPUs, and gradient checkpointing
+Several processes (torchrun; distributed.py, through fast.parallel): with a process group of N ranks, batch_size
+is per rank and each global micro-batch of batch_size x N rows is split among them, so the run equals one
+process with batch_size x N; DDP reduces the trainable gradients, fsdp=True shards every weight (FSDP2). Rank 0
+logs and writes; the held-out loss is summed over every rank's rows.
+
+Not done: fp16 autocast (it needs a GradScaler; bf16 does not), and gradient checkpointing
 (switch that on the model: fast.checkpoint_blocks(model), or model.gradient_checkpointing = True).
 """
 
@@ -59,10 +64,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import fast
+from . import distributed, fast
 from .data import IGNORE_INDEX, batch_stream, batches
 from .files import read_json, run_lock, write_json
-from .resume import load_checkpoint, recover_checkpoint, save_checkpoint
+from .resume import find_checkpoint, load_checkpoint, recover_checkpoint, save_checkpoint
 
 COMPILE_MODES = (False, True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -105,6 +110,7 @@ class TrainConfig:
     chunked_loss: bool = True  # the loss in chunks from the hidden states: the (B, T, V) logits never exist
     compile: bool | str = False  # True, or a torch.compile mode: "reduce-overhead" adds CUDA graphs
     optimizer_in_backward: bool = False  # step each parameter in backward and free its gradient
+    fsdp: bool = False  # under torchrun: shard every weight with FSDP2 (else DDP); batch_size is per rank
     early_stop: int | None = None  # stop after this many evaluations without a new best held-out loss; None: never
     overfit_patience: int = 3  # evaluations of rising held-out loss (while training loss falls) before the warning
 
@@ -132,6 +138,7 @@ class TrainConfig:
         check(isinstance(c, bool) or (isinstance(c, str) and c in COMPILE_MODES), "compile", f"one of {COMPILE_MODES}")
         check(isinstance(self.optimizer_in_backward, bool), "optimizer_in_backward", "True or False")
         check(isinstance(self.chunked_loss, bool), "chunked_loss", "True or False")
+        check(isinstance(self.fsdp, bool), "fsdp", "True or False")
         if self.optimizer_in_backward and (self.grad_accum != 1 or self.max_grad_norm is not None):
             raise ValueError(
                 f"TrainConfig.optimizer_in_backward=True needs grad_accum=1 and max_grad_norm=None (each parameter "
@@ -186,20 +193,32 @@ def batch_loss(model, batch, device):  # the one way the loop calls the model
 
 
 @torch.no_grad()
-def evaluate(model, dataset, batch_size, max_batches=None, *, device=None, bf16=False):
-    """-> (loss, perplexity): the mean loss over every target token of the first max_batches batches, in order."""
+def evaluate(model, dataset, batch_size, max_batches=None, *, device=None, bf16=False, parallel=None):
+    """-> (loss, perplexity): the mean loss over every target token of the first max_batches batches, in order.
+    parallel (a distributed.Parallel): batches of batch_size x N rows, each rank its rows, the sums all-reduced."""
     device = device or next(p for _, p in model.named_parameters()).device
+    n_ranks = parallel.world if parallel is not None else 1
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for i, batch in enumerate(batches(dataset, batch_size, shuffle=False, drop_last=False)):
+    for i, batch in enumerate(batches(dataset, batch_size * n_ranks, shuffle=False, drop_last=False)):
         if max_batches is not None and i >= max_batches:
             break
+        if parallel is not None:
+            mine = parallel.rows(batch, batch_size)
+            if len(mine["input_ids"]) == 0:  # the held-out set's end: no row here (a sharded model still runs)
+                if parallel.sharded:  # (its all-gathers must match the other ranks'): one row, not counted
+                    batch_loss(model, {k: None if v is None else v[:1] for k, v in batch.items()}, device)
+                continue
+            batch = mine
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             loss = batch_loss(model, batch, device)
         n = num_targets(batch, model)
         total, count = total + (loss.item() * n if n else 0.0), count + n
     model.train(was_training)
+    if parallel is not None:
+        total, count = parallel.all_sum([total, count])
+        count = round(count)
     if count == 0:
         raise ValueError("the held-out batches hold no target token (every label is -100): nothing to evaluate")
     loss = total / count
@@ -230,8 +249,12 @@ def train(model, train_data, val_data, cfg, *, resume=False, on_save=None, on_be
     off = [f"{n} ({p.device})" for n, p in named if p.device.type != device.type]
     if off:
         raise ValueError(f"TrainConfig.device is {device} but {off[0]} is not: move the model first, model.to()")
-    if len(train_data) < cfg.batch_size:
-        raise ValueError(f"batch_size={cfg.batch_size} is larger than the training set ({len(train_data)} examples)")
+    n_ranks = distributed.world()[1]
+    if len(train_data) < cfg.batch_size * n_ranks:
+        each = f" x {n_ranks} processes" if n_ranks > 1 else ""
+        raise ValueError(
+            f"batch_size={cfg.batch_size}{each} is larger than the training set ({len(train_data)} examples)"
+        )
     out_dir = Path(cfg.out_dir) if cfg.out_dir is not None else None
     if resume and out_dir is None:
         raise ValueError("resume=True needs TrainConfig.out_dir, the directory holding checkpoint/")
@@ -239,12 +262,17 @@ def train(model, train_data, val_data, cfg, *, resume=False, on_save=None, on_be
         raise ValueError(
             f"TrainConfig.compile=True needs a minipeft Transformer or PeftModel, got {type(model).__name__}"
         )
-    with run_lock(out_dir) if out_dir is not None else contextlib.nullcontext():
-        return _train(model, named, device, out_dir, train_data, val_data, cfg, resume, on_save, on_best)
+    par = fast.parallel(model, cfg, device)  # several processes (torchrun), or one: the identity
+    named = trainable_parameters(model) if par.sharded else named  # (sharded: the parameters are now DTensors)
+    with run_lock(out_dir) if out_dir is not None and par.is_main else contextlib.nullcontext():
+        return _train(model, par, named, device, out_dir, train_data, val_data, cfg, resume, on_save, on_best)
 
 
-def _train(model, named, device, out_dir, train_data, val_data, cfg, resume, on_save, on_best):
-    ckpt = recover_checkpoint(out_dir) if resume else None  # the last good checkpoint, all along
+def _train(model, par, named, device, out_dir, train_data, val_data, cfg, resume, on_save, on_best):
+    ckpt = recover_checkpoint(out_dir) if resume and par.is_main else None  # the last good checkpoint, all along
+    if resume and par.world > 1:
+        distributed.barrier()  # (rank 0 may have just put checkpoint.old back)
+        ckpt = find_checkpoint(out_dir)
     if resume and ckpt is None:
         raise FileNotFoundError(f"resume=True but there is no checkpoint in {out_dir}")
     auto_bf16 = device.type == "cuda" and named[0][1].dtype == torch.float32
@@ -256,7 +284,7 @@ def _train(model, named, device, out_dir, train_data, val_data, cfg, resume, on_
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     metrics, start = {"train": [], "eval": []}, 0
     if ckpt is not None:
-        state = load_checkpoint(ckpt, named, optimizer, scheduler)
+        state = par.resume(load_checkpoint, ckpt, named, optimizer, scheduler)
         start = state["step"]
         changed = [k for k in ("steps", "lr", "batch_size", "grad_accum", "seed", "warmup_steps")
                    if state["config"].get(k) != getattr(cfg, k)]  # fmt: skip
@@ -280,21 +308,27 @@ def _train(model, named, device, out_dir, train_data, val_data, cfg, resume, on_
             kept = f"the last good checkpoint at {ckpt} was kept" if ckpt else "no checkpoint was saved yet"
             raise NonFiniteLossError(f"non-finite {what} at step {step}; stopped, {kept}")
 
+    say = tqdm.write if par.is_main else (lambda text: None)  # logs on rank 0 only
+
     def held_out(step):  # evaluate, log, and tell on_best about a new lowest loss
-        val_loss, val_ppl = evaluate(model, val_data, cfg.batch_size, cfg.eval_batches, device=device, bf16=bf16)
+        val_loss, val_ppl = evaluate(
+            model, val_data, cfg.batch_size, cfg.eval_batches, device=device, bf16=bf16, parallel=par
+        )
         metrics["eval"].append({"step": step, "val_loss": val_loss, "val_ppl": val_ppl})
         if cfg.progress is not False:
-            tqdm.write(f"step {step}: held-out loss {val_loss:.4f} (ppl {val_ppl:.1f})")
+            say(f"step {step}: held-out loss {val_loss:.4f} (ppl {val_ppl:.1f})")
         best = min(metrics["eval"], key=lambda e: e["val_loss"])  # the first of equals: the earliest
         metrics["best"] = {"step": best["step"], "val_loss": best["val_loss"]}
         if best["step"] == step and on_best is not None:
-            on_best(model, step, val_loss)
+            saved = par.for_saving()  # (sharded: gathered by every rank, for rank 0)
+            if par.is_main:
+                on_best(saved, step, val_loss)
 
     if val_data is not None and start == 0:
         held_out(0)  # "before": the same batches and autocast as every later evaluation
-    stream = batch_stream(train_data, cfg.batch_size, cfg.seed, start=start * cfg.grad_accum)
+    stream = batch_stream(train_data, cfg.batch_size * par.world, cfg.seed, start=start * cfg.grad_accum)
     params = [p for _, p in named]
-    show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+    show = (cfg.progress if cfg.progress is not None else sys.stderr.isatty()) and par.is_main
     bar = tqdm(total=cfg.steps, initial=start, disable=not show, dynamic_ncols=True, desc="train")
     was_training, loss, tokens, seconds, warned, stopped = model.training, None, 0, 0.0, False, None
     total_seconds, steps_run = 0.0, 0  # the time of the optimizer steps alone (no evaluation, no save)
@@ -304,25 +338,33 @@ def _train(model, named, device, out_dir, train_data, val_data, cfg, resume, on_
     try:
         for step in range(start + 1, cfg.steps + 1):  # `step` optimizer steps are done once this one is
             t0 = time.perf_counter()
-            micro = [next(stream) for _ in range(cfg.grad_accum)]
+            micro = [next(stream) for _ in range(cfg.grad_accum)]  # global micro-batches (batch_size x N rows)
             counts = [num_targets(b, model) for b in micro]
             n_total, loss = sum(counts), 0.0
-            for b, n in zip(micro, counts):
+            last = max((i for i, n in enumerate(counts) if n), default=-1)  # gradients are reduced there
+            for i, (b, n) in enumerate(zip(micro, counts)):
                 if n == 0:
                     continue
+                b = par.rows(b, cfg.batch_size)  # this rank's rows (all of them with one process)
+                n = num_targets(b, model) if par.world > 1 else n
                 engine.before_forward()
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss_i = batch_loss(model, b, device)
-                finite_or_stop(f"loss {loss_i.item()}", step, math.isfinite(loss_i.item()))  # before any backward
-                (loss_i * (n / n_total)).backward()
+                with par.sync(i == last):
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                        loss_i = batch_loss(par.module, b, device)
+                    if n == 0:  # no target in this rank's rows: it still joins the gradients' reduction, with 0
+                        loss_i = torch.nan_to_num(loss_i) * 0.0
+                    finite_or_stop(f"loss {loss_i.item()}", step, math.isfinite(loss_i.item()))  # before backward
+                    (loss_i * (n / n_total * par.scale)).backward()  # (scale: DDP and FSDP average over ranks)
                 loss += loss_i.item() * n / n_total
                 mask = b["attention_mask"]
                 tokens += b["input_ids"].numel() if mask is None else int(mask.sum())
+            if par.world > 1:
+                loss, tokens = par.all_sum([loss, tokens])  # the step's loss over every rank's rows
             if engine.steps_in_backward:  # (the step was taken inside backward: check what it wrote)
                 grad_norm = None
-                finite_or_stop("weights after the step", step, all_finite(params))
+                finite_or_stop("weights after the step", step, all_finite(par.local(params)))
             else:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
+                grad_norm = par.clip(params, cfg.max_grad_norm or math.inf)
                 finite_or_stop(f"gradient norm {float(grad_norm)}", step, math.isfinite(grad_norm))  # before the step
             lr = optimizer.param_groups[0]["lr"]  # the lr this step uses
             if not engine.steps_in_backward:
@@ -338,7 +380,7 @@ def _train(model, named, device, out_dir, train_data, val_data, cfg, resume, on_
                 entry = dict(step=step, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=tokens / seconds)
                 metrics["train"].append(entry)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / seconds:.0f}")
-                if not show and cfg.progress is None:  # no terminal for a bar (a log file, CI): plain lines
+                if not show and cfg.progress is None and par.is_main:  # no terminal for a bar (a log file, CI): lines
                     print(f"step {step}/{cfg.steps}  loss {loss:.4f}  lr {lr:.2e}  {tokens / seconds:.0f} tok/s")
                 tokens, seconds, write = 0, 0.0, True
             if val_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
@@ -346,7 +388,7 @@ def _train(model, named, device, out_dir, train_data, val_data, cfg, resume, on_
                 write = True
                 if not warned and overfitting(metrics, cfg.overfit_patience):
                     warned = True
-                    tqdm.write(
+                    say(
                         f"step {step}: the held-out loss has risen for {cfg.overfit_patience} evaluations while the "
                         f"training loss fell: overfitting (the best, {metrics['best']['val_loss']:.4f} at step "
                         f"{metrics['best']['step']}, is kept; try a lower --lr, fewer --steps or --early-stop N)"
@@ -354,13 +396,13 @@ def _train(model, named, device, out_dir, train_data, val_data, cfg, resume, on_
                 worse = sum(e["step"] > metrics["best"]["step"] for e in metrics["eval"])  # evaluations since the best
                 if cfg.early_stop and worse >= cfg.early_stop:
                     stopped = step
-                    tqdm.write(f"step {step}: early stop after {worse} evaluations without a new best held-out loss")
-            if out_dir is not None and write:  # before the checkpoint: resume drops entries after its step
+                    say(f"step {step}: early stop after {worse} evaluations without a new best held-out loss")
+            if out_dir is not None and write and par.is_main:  # before the checkpoint: resume drops later entries
                 write_json(out_dir / "metrics.json", metrics, indent=1)
             save = (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stopped
             if out_dir is not None and save:
-                finite_or_stop("weights", step, all_finite(params))  # never a NaN checkpoint
-                ckpt = save_checkpoint(out_dir, step, model, named, optimizer, scheduler, cfg, on_save)
+                finite_or_stop("weights", step, all_finite(par.local(params)))  # never a NaN checkpoint
+                ckpt = par.checkpoint(save_checkpoint, out_dir, step, named, optimizer, scheduler, cfg, on_save)
             if stopped:
                 break
     finally:

@@ -1,0 +1,306 @@
+"""Beyond one device: data-parallel (DDP) and sharded (FSDP2) training on torch.distributed, launched by torchrun.
+
+    torchrun --nproc_per_node 2 -m minipeft.cli finetune --method lora          # DDP: adapters, replicated
+    torchrun --nproc_per_node 2 -m minipeft.cli finetune --method full --fsdp   # FSDP2: every weight sharded
+    minipeft finetune --nproc 2 ...                                            # the same, through torchrun's API
+
+torchrun starts N processes and tells each its RANK, WORLD_SIZE and LOCAL_RANK; `setup()` joins them into one
+process group (gloo on CPU, nccl on CUDA, one GPU per process: cuda:LOCAL_RANK). train() then asks a `Parallel`
+(fast.parallel(model, cfg)) for everything that differs from one process; with one process it changes nothing.
+
+Data. A global micro-batch is batch_size x N rows, drawn exactly as one process draws a batch of that size
+(data.batch_stream: a pure function of (seed, step)); rank r takes rows r*B .. (r+1)*B - 1. So
+
+    global batch = batch_size (per rank) x N x grad_accum
+
+and N processes train exactly what one process trains with batch_size x N (tests/test_distributed.py: each step's
+loss and the final weights, float64). Each rank weights its mean loss by its share n_r / n_total of the step's
+target tokens (n_total counted over the whole global step, which every rank knows: it holds all the rows' labels)
+and by N, because DDP and FSDP2 average gradients over ranks: the sum is the gradient of the mean over all tokens.
+
+DDP (torch.nn.parallel.DistributedDataParallel) keeps a whole model on every rank and all-reduces gradients in
+backward. It reduces only parameters that require grad, so LoRA on a 7B base moves the adapter's few MB per step,
+not the base. With grad_accum > 1, micro-batches before the last run under no_sync(): one all-reduce per step.
+
+FSDP2 (torch.distributed.fsdp.fully_shard; TrainConfig.fsdp, --fsdp) shards every parameter across ranks (dim 0):
+each Block is one unit (its weights are all-gathered just before its forward and backward, and freed after), the
+root holds the embeddings, the final norm and the head (tied or not). Gradients are reduce-scattered, the optimizer
+steps only the local shard: weights, gradients and AdamW's two moments all take ~1/N per rank. On CUDA the units
+compute in bf16 with float32 reduction (MixedPrecisionPolicy); on CPU in the model's dtype (float64 is exact).
+Full fine-tuning only, for now: an adapter's save reads its (sharded) parameters directly.
+
+Files. Only rank 0 writes (metrics.json, checkpoints, adapters), each atomically (files.py); with FSDP every rank
+first takes part in gathering the full tensors (DTensor.full_tensor()), then rank 0 writes them as one process
+would. A checkpoint records the world size; --resume with another one stops at once with a clear error (the
+data each rank reads, and FSDP's shards, depend on it). Held-out loss: every rank evaluates its rows of each
+global batch, the sums of losses and token counts are all-reduced, so the number equals one process's.
+
+Failures: a rank that raises exits non-zero; torchrun then stops the others and exits non-zero with that rank's
+error (`minipeft finetune --nproc` prints it); nothing waits forever.
+"""
+
+import contextlib
+import datetime
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+
+FSDP_METHODS = ("full",)  # what --fsdp can shard (see the module docstring)
+WORLD_FILE = "distributed.json"  # in each checkpoint: the world size (and --fsdp) that wrote it
+
+
+def launched():
+    """True in a process that torchrun started (it sets RANK and WORLD_SIZE)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def env():
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) in a plain process."""
+    get = lambda k, d: int(os.environ.get(k, d))  # noqa: E731
+    return get("RANK", 0), get("WORLD_SIZE", 1), get("LOCAL_RANK", 0)
+
+
+def check_devices(nproc, device):
+    """Raise ValueError for a launch that cannot work: CUDA asked for with no GPU, or more processes than GPUs."""
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} (backend nccl) needs a CUDA GPU and none is available: use --device cpu")
+    if cuda and nproc > torch.cuda.device_count():
+        raise ValueError(
+            f"{nproc} processes but {torch.cuda.device_count()} CUDA device(s): one GPU per process, so at most "
+            f"{torch.cuda.device_count()} (or --device cpu)"
+        )
+    return "cuda" if cuda else "cpu"
+
+
+def setup(device="auto", timeout_s=600):
+    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); returns this rank's device."""
+    rank, world, local = env()
+    kind = check_devices(world, device)
+    if kind == "cuda":
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        backend = "nccl" if kind == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    return f"cuda:{local}" if kind == "cuda" else "cpu"
+
+
+def teardown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world():
+    """(rank, world_size) of the process group; (0, 1) without one."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _full(t):  # a DTensor's whole value (a collective: every rank calls it, in the same order); others as they are
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _local(t):
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def shard(model, device, bf16=None):
+    """FSDP2 in place: each Block one unit, the root the rest. bf16 (default: on CUDA) computes in bf16 and
+    reduces in float32. Returns model (its class becomes FSDP<class>: still a Transformer)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kind = torch.device(device).type
+    mesh = init_device_mesh(kind, (dist.get_world_size(),))
+    bf16 = kind == "cuda" if bf16 is None else bf16
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    kw = {"mesh": mesh, **({"mp_policy": mp} if mp else {})}
+    # FSDP2 warns that a Block's output is a view (an in-place op on it would skip the all-gather): no code here
+    # writes into a Block's output in place, and the tests check every gradient against one process.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    base = getattr(model, "base_model", model)
+    for layer in base.model.layers:
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def gathered_model(model):
+    """A plain (unsharded) copy of an FSDP-sharded Transformer on rank 0's CPU, None on the other ranks; every rank
+    must call it. An unsharded model is returned as it is."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return model
+    from .model import Transformer
+
+    seen, full = {}, {}
+    for k, v in model.state_dict().items():  # tied weights: one tensor under two keys, gathered once
+        if id(v) not in seen:
+            seen[id(v)] = _full(v).detach().cpu()
+        full[k] = seen[id(v)]
+    if dist.get_rank() != 0:
+        return None
+    with torch.device("meta"):
+        plain = Transformer(model.config)
+    plain.load_state_dict(full, assign=True)
+    if model.config.tie_word_embeddings:
+        plain.lm_head.weight = plain.model.embed_tokens.weight
+    return plain.to(plain.dtype)  # (Transformer._apply rebuilds the rotary buffer, left on meta above)
+
+
+class _Gathered:  # an optimizer as save_checkpoint reads it: its state_dict with every DTensor gathered
+    def __init__(self, optimizer):  # every rank: gathers each sharded state tensor (a collective)
+        sd = optimizer.state_dict()
+        self.sd = {**sd, "state": {i: {k: _full(v) for k, v in s.items()} for i, s in sd["state"].items()}}
+        self.param_groups = optimizer.param_groups
+
+    def state_dict(self):
+        return self.sd
+
+
+class _Sharding:  # an optimizer as load_checkpoint fills it: full state tensors become shards like their parameters
+    def __init__(self, optimizer):
+        self.optimizer, self.param_groups = optimizer, optimizer.param_groups
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]  # the state's indices
+
+    def load_state_dict(self, sd):
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        def shard_like(p, v):
+            if not (isinstance(p, DTensor) and v.dim() > 0):
+                return v
+            return distribute_tensor(v.to(p.dtype), p.device_mesh, p.placements)
+
+        state = {i: {k: shard_like(self.params[int(i)], v) for k, v in s.items()} for i, s in sd["state"].items()}
+        self.optimizer.load_state_dict({**sd, "state": state})
+
+
+class _Param:  # a sharded parameter as load_checkpoint sees it: the full shape, copy_ from a full tensor
+    def __init__(self, p):
+        self.p, self.shape = p, p.shape
+
+    def copy_(self, full):
+        from torch.distributed.tensor import distribute_tensor
+
+        self.p.copy_(distribute_tensor(full.to(self.p.dtype), self.p.device_mesh, self.p.placements))
+
+
+class Parallel:
+    """What train() asks of the processes it runs on. With one process every method is the identity (module is
+    the model, rows() the whole batch, scale 1, all_sum() the values), so the loop has one path.
+
+    model: what is trained and saved; module: what the loop calls (the DDP wrapper, or the sharded model)."""
+
+    def __init__(self, model, cfg, device):
+        self.rank, self.world = world()
+        self.model = self.module = model
+        self.sharded = bool(getattr(cfg, "fsdp", False))
+        if self.sharded and not dist.is_initialized():
+            raise ValueError("TrainConfig.fsdp=True needs a process group: launch with torchrun (or --nproc N)")
+        if self.sharded:
+            shard(model, device)
+        elif self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [device.index] if device.type == "cuda" else None
+            self.module = DDP(model, device_ids=ids)  # reduces exactly the parameters that require grad
+
+    @property
+    def is_main(self):  # rank 0: the one that logs and writes
+        return self.rank == 0
+
+    @property
+    def scale(self):  # DDP and FSDP2 average gradients over ranks; the loop wants their sum
+        return self.world
+
+    def rows(self, batch, per_rank):
+        """This rank's rows of a global batch (rows r*per_rank .. (r+1)*per_rank - 1; fewer, or none, at the end
+        of a held-out set)."""
+        if self.world == 1:
+            return batch
+        part = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+        return {k: None if v is None else v[part] for k, v in batch.items()}
+
+    def sync(self, last):
+        """Around one micro-batch's forward and backward: gradients are reduced only on the step's last one."""
+        if last or self.world == 1:
+            if self.sharded:
+                self.model.set_requires_gradient_sync(True)
+            return contextlib.nullcontext()
+        if self.sharded:
+            self.model.set_requires_gradient_sync(False)  # FSDP2 keeps unsharded gradients to accumulate into
+            return contextlib.nullcontext()
+        return self.module.no_sync()
+
+    def all_sum(self, values):
+        """[float] summed over ranks (one all-reduce, float64); the values themselves with one process."""
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def local(self, tensors):  # each rank's own part (for checks that need no communication)
+        return [_local(t) for t in tensors]
+
+    def clip(self, params, max_norm):
+        """clip_grad_norm_ over the whole model (a sharded one too); returns the norm as a 0-dim tensor."""
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return _full(norm)
+
+    def for_saving(self):
+        """The model for a save callback, on rank 0 (None elsewhere); every rank must call it (FSDP gathers)."""
+        model = gathered_model(self.model) if self.sharded else self.model
+        return model if self.is_main else None
+
+    def checkpoint(self, save, out_dir, step, named, optimizer, scheduler, cfg, on_save):
+        """save_checkpoint(...) written once, by rank 0, with full tensors; returns its path on every rank."""
+        if self.world == 1:
+            return save(out_dir, step, self.model, named, optimizer, scheduler, cfg, on_save)
+        if self.sharded:  # every rank takes part in gathering, in the same order; rank 0 writes
+            named = [(n, _full(p)) for n, p in named]
+            optimizer = _Gathered(optimizer)
+        model = self.for_saving()
+        path = None
+        if self.is_main:
+
+            def with_world(m, tmp):
+                from .files import write_json
+
+                write_json(tmp / WORLD_FILE, {"world_size": self.world, "fsdp": self.sharded})
+                if on_save is not None:
+                    on_save(m, tmp)
+
+            path = save(out_dir, step, model, named, optimizer, scheduler, cfg, with_world)
+        barrier()  # nobody runs ahead of a checkpoint that is not on disk yet
+        from .resume import CHECKPOINT
+
+        return path or out_dir / CHECKPOINT
+
+    def resume(self, load, path, named, optimizer, scheduler):
+        """load_checkpoint(...) on every rank, after checking the world size it was written with."""
+        from .files import read_json
+
+        saved = read_json(path / WORLD_FILE, expect=dict) if (path / WORLD_FILE).is_file() else {"world_size": 1}
+        if saved.get("world_size") != self.world or bool(saved.get("fsdp")) != self.sharded:
+            was = f"{saved.get('world_size')} process(es){' with --fsdp' if saved.get('fsdp') else ''}"
+            now = f"{self.world}{' with --fsdp' if self.sharded else ''}"
+            raise ValueError(
+                f"the checkpoint in {path} was written by {was}, this run has {now}: resume with the same "
+                "--nproc and --fsdp (the rows each rank reads, and the shards, depend on them)"
+            )
+        if self.sharded:
+            named = [(n, _Param(p)) for n, p in named]
+            optimizer = _Sharding(optimizer)
+        return load(path, named, optimizer, scheduler)

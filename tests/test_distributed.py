@@ -1,0 +1,224 @@
+"""distributed.py on CPU (gloo, 2 processes started here) against one process with the same global batch.
+
+The reference is train() in this process with batch_size x 2: each step's loss and the final weights must agree
+(float64, rel 1e-10); the launches themselves (torch.multiprocessing spawn, torchrun, `minipeft finetune --nproc`)
+each cost a few seconds of start-up, so one spawn runs every in-process scenario.
+"""
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+import minipeft.fast as fast
+import minipeft.train as train_module
+from minipeft.data import load_text_dataset
+from minipeft.lora import LoraConfig
+from minipeft.model import ModelConfig, Transformer
+from minipeft.peft import PeftModel, get_peft_model
+from minipeft.train import TrainConfig, train
+
+WORLD = 2
+MODEL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+TEXT = "the quick brown fox jumps over the lazy dog. " * 30
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class CharTokenizer:  # as in test_train.py: 0 pad, 1 bos, 2 eos, then one id per character
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+    alphabet = "abcdefghijklmnopqrstuvwxyz .,!?'\n:0123456789"
+
+    def encode(self, text):
+        return [self.alphabet.index(c) + 3 for c in text]
+
+
+def data(tmp):
+    path = Path(tmp) / "corpus.txt"
+    if not path.exists():
+        path.write_text(TEXT)
+    return load_text_dataset(path, CharTokenizer(), seq_len=16, val_fraction=0.2)  # 67 train, 17 held-out blocks
+
+
+def lora_model():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**MODEL)).double()
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+
+
+def full_model():
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(**MODEL)).double()
+
+
+def config(out_dir, batch_size, **kw):  # batch_size: per process; 17 held-out rows: the last global batch is short
+    return TrainConfig(**{"steps": 4, "lr": 1e-2, "batch_size": batch_size, "grad_accum": 2, "log_every": 1,
+                          "eval_every": 2, "eval_batches": None, "save_every": 2, "progress": False,
+                          "out_dir": str(out_dir), **kw})  # fmt: skip
+
+
+def save_adapter(m, path):
+    m.save_pretrained(Path(path) / "adapter")
+
+
+def trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class Stop(Exception):
+    pass
+
+
+def _worker(rank, tmp, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
+    os.environ["LOCAL_RANK"] = str(rank)
+    torch.set_num_threads(1)
+    import minipeft.distributed as distributed
+
+    distributed.setup("cpu", timeout_s=60)
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    train_set, val_set = data(tmp)
+    tmp = Path(tmp)
+    # 1. DDP LoRA: what each all-reduce carries is counted (only trainable gradients, once per optimizer step)
+    reduced, plain_parallel = [], fast.parallel
+
+    def counting(model, cfg, device):
+        par = plain_parallel(model, cfg, device)
+        hook = lambda state, bucket: (reduced.append(bucket.buffer().numel()), allreduce_hook(state, bucket))[1]  # noqa: E731
+        par.module.register_comm_hook(None, hook)
+        return par
+
+    fast.parallel = counting
+    model = lora_model()
+    metrics = train(model, train_set, val_set, config(tmp / "ddp", 2), on_save=save_adapter)
+    fast.parallel = plain_parallel
+    save_file(trainable(model), tmp / f"ddp-rank{rank}.safetensors")
+    torch.save({"metrics": metrics, "reduced": reduced}, tmp / f"ddp-rank{rank}.pt")  # (a test file, our own)
+
+    # 2. the same run killed after its checkpoint at step 2 (every rank, inside step 3), then resumed
+    calls, plain_loss = [0], train_module.batch_loss
+
+    def dies_in_step_3(model, batch, device):
+        calls[0] += 1
+        if calls[0] == 5:  # 2 micro-batches a step: the first of step 3
+            raise Stop
+        return plain_loss(model, batch, device)
+
+    train_module.batch_loss = dies_in_step_3
+    with pytest.raises(Stop):
+        train(lora_model(), train_set, None, config(tmp / "resumed", 2), on_save=save_adapter)
+    train_module.batch_loss = plain_loss
+    train(lora_model(), train_set, None, config(tmp / "resumed", 2), on_save=save_adapter, resume=True)
+
+    # 3. FSDP2 full fine-tuning (float64: no mixed precision on CPU), the model of the best held-out loss kept
+    model = full_model()
+    best = lambda m: {k: v.contiguous() for k, v in m.state_dict().items() if k != "lm_head.weight"}  # noqa: E731  (tied)
+    keep = lambda m, step, loss: save_file(best(m), tmp / "best.st")  # noqa: E731
+    metrics = train(model, train_set, val_set, config(tmp / "fsdp", 2, fsdp=True), on_best=keep)
+    full = distributed.gathered_model(model)
+    local = {n: p.to_local().clone() for n, p in model.named_parameters()}
+    save_file(local, tmp / f"fsdp-shard{rank}.safetensors")
+    if rank == 0:
+        save_file(best(full), tmp / "fsdp.safetensors")
+        torch.save({"metrics": metrics}, tmp / "fsdp.pt")
+    distributed.teardown()
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    data(tmp)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_worker, args=(str(tmp), port), nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + 240  # a hang is a failure, not a stuck test run
+    while not ctx.join(timeout=2):  # (raises at once, with the rank's traceback, when a rank fails)
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the 2 processes did not finish in 240 s")
+    return tmp
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_ddp_lora_equals_one_process_with_the_same_global_batch(spawned):
+    train_set, val_set = data(spawned)
+    model = lora_model()
+    ref = train(model, train_set, val_set, config(spawned / "ref-ddp", 4))  # 4 = 2 per rank x 2 ranks
+    got = torch.load(spawned / "ddp-rank0.pt")
+    for a, b in zip(got["metrics"]["train"], ref["train"], strict=True):
+        assert a["step"] == b["step"] and abs(a["loss"] - b["loss"]) <= 1e-10 * abs(b["loss"])
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-10 * b["grad_norm"]
+    for a, b in zip(got["metrics"]["eval"], ref["eval"], strict=True):  # held-out: every rank's rows, summed
+        assert abs(a["val_loss"] - b["val_loss"]) <= 1e-10 * b["val_loss"]
+    want = trainable(model)
+    for r in range(WORLD):
+        weights = load_file(spawned / f"ddp-rank{r}.safetensors")
+        assert weights.keys() == want.keys()
+        for n, w in want.items():
+            assert rel(weights[n], w) <= 1e-10, n
+    # only the trainable gradients were all-reduced, once per optimizer step (no_sync on the first micro-batch)
+    n_trainable = sum(w.numel() for w in want.values())
+    assert sum(got["reduced"]) == 4 * n_trainable
+    assert n_trainable < sum(p.numel() for p in model.parameters()) / 10
+
+
+def test_the_adapter_written_by_rank_0_loads_in_one_process(spawned):
+    path = spawned / "ddp" / "checkpoint"
+    assert sorted(p.name for p in spawned.glob("ddp/*")) == [".lock", "checkpoint", "metrics.json"]  # nothing half
+    assert (path / "distributed.json").read_text().strip().startswith('{\n  "world_size": 2')
+    torch.manual_seed(0)
+    base = Transformer(ModelConfig(**MODEL)).double()
+    loaded = PeftModel.from_pretrained(base, path / "adapter")
+    trained = load_file(spawned / "ddp-rank0.safetensors")
+    mine = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
+    assert len(mine) == len(trained) == 12
+    for n, p in mine.items():
+        assert torch.equal(p, trained[n]), n
+
+
+def test_resumed_2_process_run_ends_with_the_same_adapter_bytes(spawned):
+    a = spawned / "ddp" / "checkpoint" / "adapter" / "adapter_model.safetensors"
+    b = spawned / "resumed" / "checkpoint" / "adapter" / "adapter_model.safetensors"
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_resume_with_another_world_size_stops_at_once(spawned):
+    train_set, _ = data(spawned)
+    with pytest.raises(ValueError, match="written by 2 process\\(es\\), this run has 1: resume with the same --nproc"):
+        train(lora_model(), train_set, None, config(spawned / "ddp", 2), resume=True)
+
+
+def test_fsdp_full_finetuning_equals_one_process(spawned):
+    train_set, val_set = data(spawned)
+    model, best = full_model(), {}
+    keep = lambda m, step, loss: best.update({k: v.clone() for k, v in m.state_dict().items()})  # noqa: E731
+    ref = train(model, train_set, val_set, config(spawned / "ref-fsdp", 4), on_best=keep)
+    got = torch.load(spawned / "fsdp.pt")["metrics"]
+    for a, b in zip(got["train"] + got["eval"], ref["train"] + ref["eval"], strict=True):
+        key = "loss" if "loss" in b else "val_loss"
+        assert a["step"] == b["step"] and abs(a[key] - b[key]) <= 1e-10 * abs(b[key])
+    weights, kept = load_file(spawned / "fsdp.safetensors"), load_file(spawned / "best.st")
+    for n, w in model.state_dict().items():
+        if n != "lm_head.weight":
+            assert rel(weights[n], w) <= 1e-10, n
+            assert rel(kept[n], best[n]) <= 1e-10, n
+    # each rank held half of every weight (dim 0), and the checkpoint rank 0 wrote holds them whole
+    shards = [load_file(spawned / f"fsdp-shard{r}.safetensors") for r in range(WORLD)]
+    for n, w in model.named_parameters():
+        assert sum(s[n].shape[0] for s in shards) == w.shape[0] and shards[0][n].shape[0] == -(-w.shape[0] // 2)
+    for f in ("trainable", "optimizer"):
+        a, b = (load_file(spawned / d / "checkpoint" / f"{f}.safetensors") for d in ("fsdp", "ref-fsdp"))
+        assert a.keys() == b.keys()
+        for k in b:
+            assert rel(a[k], b[k]) <= 1e-9, k
