@@ -24,14 +24,17 @@ on one base. Saved keys follow PEFT: `<module>.lora_A.weight`, `<module>.lora_B.
 import dataclasses
 import math
 import re
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .loftq import LoftQConfig, check_loftq_config, loftq_init
 from .method import PeftConfig, TunerLayer, find_targets
+from .nf4 import NF4Linear
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -49,14 +52,18 @@ class LoraConfig(PeftConfig):
     use_rslora: bool = False
     use_dora: bool = False
     # True: PEFT's init (B = 0); "gaussian": A ~ N(0, 1/r); False: A, B random; "pissa", "pissa_niter_K", "olora":
-    # A and B from the weight itself (start_from_weight), the base weight rewritten so that the model starts unchanged
+    # A and B from the weight itself (start_from_weight), the base weight rewritten so that the model starts unchanged;
+    # "loftq" (with loftq_config): the base quantized to NF4 and B A cancelling part of its error (loftq.py)
     init_lora_weights: bool | str = True
+    loftq_config: dict = field(default_factory=dict)  # PEFT's: {"loftq_bits": 4, "loftq_iter": T}, or a LoftQConfig
     bias: str = "none"
     modules_to_save: list | None = None
     fan_in_fan_out: bool = False  # PEFT's flag for Conv1D-style (in, out) weights; our Linears are (out, in)
     peft_type: ClassVar[str] = "LORA"
 
     def __post_init__(self):
+        if isinstance(self.loftq_config, LoftQConfig):  # stored as a dict, as PEFT does
+            self.loftq_config = dataclasses.asdict(self.loftq_config)
         super().__post_init__()  # the JSON types of every field
         if self.r <= 0:
             raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
@@ -65,11 +72,23 @@ class LoraConfig(PeftConfig):
         if self.lora_alpha <= 0:
             raise ValueError(f"LoraConfig.lora_alpha must be positive, got {self.lora_alpha!r}")
         init = self.init_lora_weights
-        if init not in (True, False, "gaussian", "pissa", "olora") and not re.fullmatch(r"pissa_niter_\d+", str(init)):
+        if init not in (True, False, "gaussian", "pissa", "olora", "loftq") and not re.fullmatch(
+            r"pissa_niter_\d+", str(init)
+        ):
             raise ValueError(
-                "init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_K' (K an integer) or "
-                f"'olora', got {init!r}"
+                "init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_K' (K an integer), "
+                f"'olora' or 'loftq', got {init!r}"
             )
+        if init == "loftq":
+            if not self.loftq_config:
+                raise ValueError(
+                    "init_lora_weights='loftq' needs loftq_config, e.g. loftq_config=LoftQConfig(loftq_bits=4, "
+                    f"loftq_iter=1), got {self.loftq_config!r}"
+                )
+            check_loftq_config(self.loftq_config)
+        elif self.loftq_config:  # as PEFT: kept out of the adapter, with a warning
+            warnings.warn(f"loftq_config is ignored unless init_lora_weights='loftq' (it is {init!r})", stacklevel=3)
+            self.loftq_config = {}
         if self.bias != "none":
             raise ValueError(f"only bias='none' is supported (biases stay frozen), got {self.bias!r}")
         if self.modules_to_save:
@@ -87,12 +106,17 @@ class LoraConfig(PeftConfig):
 
     def for_shapes(self):
         """A copy that creates the same weights without touching the model (peft.py's dry run before a load)."""
-        return dataclasses.replace(self, init_lora_weights=True)
+        return dataclasses.replace(self, init_lora_weights=True, loftq_config={})
 
     def relative_to_initial(self, state, initial_config, initial_state):
         """PiSSA/OLoRA saved as a plain LoRA on the ORIGINAL weight (PEFT's conversion): the model computes
         W_res + s B A = W - s B0 A0 + s B A, so its update of W is s (B A - B0 A0) = s [B, -B0] [A; A0], a LoRA of
         rank 2r with the same scaling (alpha doubled; times sqrt(2) with rsLoRA). -> (config, state)."""
+        if self.init_lora_weights == "loftq" or initial_config.init_lora_weights == "loftq":
+            raise ValueError(
+                "a LoftQ adapter is a plain LoRA on its quantized base and has no conversion to the original weight; "
+                "save it without path_initial_model_for_weight_conversion"
+            )
         if self.use_dora:
             raise ValueError(
                 "a DoRA adapter cannot be saved relative to the initial weights (its magnitude is not a LoRA)"
@@ -159,6 +183,8 @@ class LoraLayer(TunerLayer):
             nn.init.zeros_(self.lora_B[name].weight)
         if str(config.init_lora_weights).startswith(("pissa", "olora")):
             self.start_from_weight(name, config.init_lora_weights)
+        if config.init_lora_weights == "loftq":
+            self.start_from_loftq(name, config)
         if config.use_dora:
             with torch.no_grad():
                 m = self.weight_norm(name).to(kw["dtype"])
@@ -193,6 +219,31 @@ class LoraLayer(TunerLayer):
         with torch.no_grad():
             A.copy_(new_A), B.copy_(new_B)
             W.copy_(w - s * new_B @ new_A)  # W_res
+
+    def start_from_loftq(self, name, config):
+        """LoftQ (loftq.py): the base becomes an NF4Linear holding Q, and B A starts at the rank-r part of W - dequant(Q)
+        that loftq_init leaves, so dequant(Q) + s B A is closer to W than QLoRA's start dequant(Q). `errors` keeps
+        ||W - (dequant(Q) + s B A)|| after each alternating step.
+        Loading a saved LoftQ adapter (config.inference_mode, set by load_adapter): on a 4-bit base (the LoftQ base,
+        saved and loaded in 4 bits) nothing is done, the file's A and B are loaded; on the full-precision base LoftQ
+        runs again to rebuild the same Q (it is deterministic), and the file's A and B replace these."""
+        if not isinstance(self.base_layer, nn.Linear):
+            if config.inference_mode:
+                return
+            raise ValueError(
+                "init_lora_weights='loftq' quantizes the full-precision weight itself, so it needs an nn.Linear base, "
+                f"not a {type(self.base_layer).__name__} (pass the float model; it becomes 4-bit in the targets)"
+            )
+        base, steps = self.base_layer, config.loftq_config.get("loftq_iter", 1)
+        q, A, B, self.loftq_errors = loftq_init(base.weight, config.r, self.scaling[name], steps)
+        quantized = NF4Linear(self.in_features, self.out_features, base.bias is not None, double_quant=False,
+                              dtype=base.weight.dtype, device=base.weight.device)  # fmt: skip
+        quantized.qweight = q
+        if base.bias is not None:
+            quantized.bias.data.copy_(base.bias.detach())
+        self.base_layer = quantized
+        with torch.no_grad():
+            self.lora_A[name].weight.copy_(A), self.lora_B[name].weight.copy_(B)
 
     def delta_weight(self, name):  # s * B @ A: (out, in)
         return self.scaling[name] * self.lora_B[name].weight @ self.lora_A[name].weight
