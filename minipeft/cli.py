@@ -393,9 +393,10 @@ def cmd_finetune(args):
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
         from torch.distributed.run import parse_args, run
 
-        cmd = ["--standalone", f"--nproc-per-node={n}", "--module", "minipeft.cli", *map(str, args.argv)]
+        launch = parse_args(["--standalone", f"--nproc-per-node={n}", "--module", "minipeft.cli"])
+        launch.training_script_args = list(map(str, args.argv))  # (not parsed by torchrun: --r would be ambiguous)
         try:
-            run(parse_args(cmd))
+            run(launch)
         except ChildFailedError as e:
             rank, failure = e.get_first_failure()
             raise SystemExit(
@@ -530,7 +531,8 @@ def _finetune(args, device=None, check_only=False):
     bf16 = device.startswith("cuda")  # train() autocasts to bf16 on CUDA (float32 trainable weights): so do we
     base = None
     if config is not None:  # the base model alone, evaluated as train() evaluates (QLoRA: before quantizing)
-        base, _ = evaluate(model, val_data, args.batch_size, 20, device=device, bf16=bf16)
+        rows = args.batch_size * distributed.world()[1]  # the global batch's rows, as train() evaluates
+        base, _ = evaluate(model, val_data, rows, 20, device=device, bf16=bf16)
         print(f"held-out loss of the base model{' (full precision)' if args.method == 'qlora' else ''}: {base:.4f}")
     if args.method == "qlora":
         from .nf4 import quantize_model
