@@ -42,7 +42,7 @@ import time
 
 import matplotlib.pyplot as plt
 import torch
-from common import BATCH, DEVICE, FAST, SEQ_LEN, STEPS, VAL_BATCHES, exercise, lr
+from common import BATCH, DEVICE, FAST, SEQ_LEN, STEPS, exercise, finetune_config, train_and_report
 
 MODEL = "tiny-shakespeare"
 BOTTLENECK = 64  # b: `minipeft finetune --method adapter`'s default (--bottleneck)
@@ -61,7 +61,6 @@ from minipeft.data import batches, load_text_dataset
 from minipeft.gradcheck import finite_difference_check, rel_err
 from minipeft.lora import LoraConfig
 from minipeft.peft import PeftModel, get_peft_model
-from minipeft.train import TrainConfig, evaluate, train
 
 model, tok = load_pretrained(MODEL)
 train_data, val_data = load_text_dataset(ASSETS / "data" / "sonnets.txt", tok, SEQ_LEN)
@@ -378,22 +377,8 @@ def finetune(placement, bottleneck=BOTTLENECK):
     torch.manual_seed(0)
     base, _ = load_pretrained(MODEL, device=DEVICE)
     peft_model = get_peft_model(base, AdapterConfig(bottleneck_size=bottleneck, placement=placement))
-    before = evaluate(peft_model, val_data, BATCH, VAL_BATCHES)[0]
-    cfg = TrainConfig(
-        steps=STEPS,
-        batch_size=BATCH,
-        lr=lr("adapter"),
-        warmup_ratio=0.05,
-        eval_every=max(1, STEPS // 3),
-        eval_batches=VAL_BATCHES,
-        progress=False,
-    )
-    t0 = time.perf_counter()
-    metrics = train(peft_model, train_data, val_data, cfg)
-    print(
-        f"{placement:9s}: {peft_model.num_parameters(trainable_only=True):,} trainable, val loss "
-        f"{before:.3f} -> {metrics['val_loss']:.3f} in {STEPS} steps, {time.perf_counter() - t0:.0f} s"
-    )
+    config = finetune_config("adapter", eval_every=max(1, STEPS // 3))
+    before, metrics = train_and_report(placement, peft_model, train_data, val_data, config)
     return peft_model, before, metrics
 
 

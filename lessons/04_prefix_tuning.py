@@ -39,11 +39,10 @@
 
 # %%
 import os
-import time
 
 import matplotlib.pyplot as plt
 import torch
-from common import BATCH, DEVICE, FAST, SEQ_LEN, STEPS, VAL_BATCHES, exercise, lr
+from common import BATCH, DEVICE, FAST, SEQ_LEN, STEPS, VAL_BATCHES, exercise, finetune_config, lr, train_and_report
 
 MODEL = "tiny-shakespeare"
 VIRTUAL_TOKENS = 20  # P when training: `minipeft finetune --method prefix`'s default (--virtual-tokens)
@@ -61,7 +60,7 @@ from minipeft.data import batches, load_text_dataset
 from minipeft.gradcheck import rel_err
 from minipeft.peft import PeftModel, get_peft_model
 from minipeft.prefix import PrefixTuningConfig
-from minipeft.train import TrainConfig, evaluate, train
+from minipeft.train import evaluate
 
 model, tok = load_pretrained(MODEL)
 m64, _ = load_pretrained(MODEL, dtype=torch.float64)  # for the exact checks
@@ -293,22 +292,8 @@ LRS = {"random table": lr("prefix"), "MLP": lr("prefix") / 10, "real words": lr(
 def finetune(variant):
     peft_model = make(variant)
     shares_at_init[variant] = prefix_attention(peft_model, val_batch.to(DEVICE), P_TRAIN)
-    before = evaluate(peft_model, val_data, BATCH, VAL_BATCHES)[0]
-    config = TrainConfig(
-        steps=STEPS,
-        batch_size=BATCH,
-        lr=LRS[variant],
-        warmup_ratio=0.05,
-        eval_every=max(1, STEPS // 3),
-        eval_batches=VAL_BATCHES,
-        progress=False,
-    )
-    t0 = time.perf_counter()
-    metrics = train(peft_model, train_data, val_data, config)
-    print(
-        f"{variant:13s}: {peft_model.num_parameters(trainable_only=True):,} trainable, val loss {before:.3f} -> "
-        f"{metrics['val_loss']:.3f} in {STEPS} steps, {time.perf_counter() - t0:.0f} s"
-    )
+    config = finetune_config("prefix", lr=LRS[variant], eval_every=max(1, STEPS // 3))
+    before, metrics = train_and_report(variant, peft_model, train_data, val_data, config)
     return peft_model, before, metrics
 
 

@@ -39,11 +39,10 @@
 
 # %%
 import os
-import time
 
 import matplotlib.pyplot as plt
 import torch
-from common import BATCH, DEVICE, FAST, SEQ_LEN, STEPS, VAL_BATCHES, exercise, lr
+from common import BATCH, DEVICE, FAST, SEQ_LEN, STEPS, VAL_BATCHES, exercise, finetune_config, lr, train_and_report
 
 MODEL = "tiny-shakespeare"
 VIRTUAL_TOKENS = 20  # P when training: `minipeft finetune --method prompt`'s default (--virtual-tokens)
@@ -63,7 +62,7 @@ from minipeft.lora import LoraConfig
 from minipeft.model import apply_rotary
 from minipeft.peft import PeftModel, get_peft_model
 from minipeft.prompt import PromptTuningConfig
-from minipeft.train import TrainConfig, evaluate, train
+from minipeft.train import evaluate
 
 model, tok = load_pretrained(MODEL)
 m64, _ = load_pretrained(MODEL, dtype=torch.float64)  # for the exact checks
@@ -259,22 +258,8 @@ def finetune(name, config, lr):
     base, _ = load_pretrained(MODEL, device=DEVICE)
     peft_model = get_peft_model(base, config, tokenizer=tok)
     start = [p.detach().clone() for p in peft_model.parameters() if p.requires_grad]
-    before = evaluate(peft_model, val_data, BATCH, VAL_BATCHES)[0]
-    cfg = TrainConfig(
-        steps=STEPS,
-        batch_size=BATCH,
-        lr=lr,
-        warmup_ratio=0.05,
-        eval_every=max(1, STEPS // 3),
-        eval_batches=VAL_BATCHES,
-        progress=False,
-    )
-    t0 = time.perf_counter()
-    metrics = train(peft_model, train_data, val_data, cfg)
-    print(
-        f"{name:10s}: {peft_model.num_parameters(trainable_only=True):,} trainable, val loss {before:.3f} -> "
-        f"{metrics['val_loss']:.3f} in {STEPS} steps, {time.perf_counter() - t0:.0f} s"
-    )
+    train_config = finetune_config("prompt", lr=lr, eval_every=max(1, STEPS // 3))
+    before, metrics = train_and_report(name, peft_model, train_data, val_data, train_config)
     return peft_model, before, metrics, start
 
 

@@ -9,6 +9,8 @@ STEPS, BATCH, SEQ_LEN, VAL_BATCHES, lr(method)
           lessons and with benchmarks/README.md's sweep; lr(method) is finetune's default (measured there)
 cmp(name, ours, reference)
           Karpathy's check from makemore's "backprop ninja": exact? close? the largest difference? (and the shapes)
+finetune_config(method, **changes), train_and_report(label, peft_model, train_data, val_data, config)
+          finetune's TrainConfig on that budget; one training run with a one-line report
 exercise(name, your_function, check)
           runs a check on your function: "not answered yet" while it raises NotImplementedError, "correct" when
           the check passes; a wrong answer fails with what differs (the check never shows the answer)
@@ -77,6 +79,21 @@ def finetune_config(method, **changes):
     settings = dict(steps=STEPS, lr=lr(method), batch_size=BATCH, warmup_ratio=0.05, eval_every=20,
                     eval_batches=VAL_BATCHES, max_grad_norm=1.0, seed=0, progress=False)  # fmt: skip
     return TrainConfig(**{**settings, **changes})
+
+
+def train_and_report(label, peft_model, train_data, val_data, config):
+    """Train with `config`; print the trainable count, the held-out loss at step 0 and at the end, and the seconds
+    taken; -> (held-out loss before, train()'s metrics)."""
+    import time
+
+    from minipeft.train import evaluate, train
+
+    before = evaluate(peft_model, val_data, config.batch_size, config.eval_batches)[0]
+    start = time.perf_counter()
+    metrics = train(peft_model, train_data, val_data, config)
+    print(f"{label:13s}: {peft_model.num_parameters(trainable_only=True):,} trainable, val loss {before:.3f} -> "
+          f"{metrics['val_loss']:.3f} in {config.steps} steps, {time.perf_counter() - start:.0f} s")  # fmt: skip
+    return before, metrics
 
 
 def sweep(variant, learning_rate):

@@ -5,6 +5,10 @@
     python scripts/build_lessons.py --execute 02     # and run it top to bottom (full mode), keeping its outputs
     python scripts/build_lessons.py --check          # exit 1 if a committed notebook's cells differ from its source
 
+The committed notebooks are the executed ones (`--execute`), so that their numbers and plots show on GitHub
+without running anything; the run's time, date and machine are written under the title (EXECUTED below) and into
+the notebook's metadata. A build without --execute (while editing) writes the cells alone.
+
 The .py file is the lesson's source of truth: it diffs and lints like code (`ruff check lessons/`), runs as a
 plain script (`cd lessons && python 02_lora.py`), and opens in Jupyter with jupytext. The notebook is built from
 it: the same cells in the same order, with stable ids (`02-000`, `02-001`, ...), so a rebuild changes only what
@@ -44,8 +48,29 @@ def build(source):
     return nb
 
 
-def cells(nb):  # what a build decides: each cell's kind and source
-    return [(c.cell_type, c.source) for c in nb.cells]
+EXECUTED = "\n\n*Executed in full mode"  # the line --execute adds to the title cell (not part of the source)
+
+
+def cells(nb):  # what a build decides: each cell's kind and source (the title without the executed line)
+    return [(c.cell_type, c.source.split(EXECUTED)[0] if i == 0 else c.source) for i, c in enumerate(nb.cells)]
+
+
+def machine():
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"a {os.cpu_count()}-core CPU ({platform.machine()})"
+
+
+def mark_executed(nb, seconds, load):
+    """Say under the title how long the full run took, where and when; keep the same in the metadata."""
+    when = time.strftime("%Y-%m-%d")
+    nb.metadata["minipeft"] = dict(mode="full", seconds=round(seconds, 1), machine=machine(), date=when,
+                                   load_average_at_start=round(load, 2))  # fmt: skip
+    nb.cells[0].source += f"{EXECUTED} on {machine()} in {seconds / 60:.1f} min ({when}).*"
 
 
 def execute(nb, timeout=3600):
@@ -80,7 +105,10 @@ def main(argv=None):
             if not target.is_file() or cells(nbformat.read(target, as_version=4)) != cells(nb):
                 stale.append(target.name)
             continue
+        load = os.getloadavg()[0]  # other work on the machine slows the run: recorded with its time
         seconds = execute(nb) if args.execute else None
+        if seconds is not None:
+            mark_executed(nb, seconds, load)
         nbformat.write(nb, target)
         print(f"wrote {target.relative_to(LESSONS.parent)} ({len(nb.cells)} cells"
               f"{f', executed in {seconds:.0f} s' if seconds is not None else ''})")  # fmt: skip
