@@ -23,7 +23,8 @@
 # ([`minipeft/lora.py`](../minipeft/lora.py)), checked against **full fine-tuning** through the gradient
 # identity `dL/dB = s·G·Aᵀ`; training on the sonnets with a sweep over the rank `r`; merging `BA` into `W`
 # and how exact that is; DoRA in a few lines, with its gradients derived by hand; and, finally, the update
-# full fine-tuning learns next to LoRA's: how low-rank is it, and do they point the same way?
+# full fine-tuning learns next to LoRA's: how low-rank is it, and do they point the same way? Last, PiSSA and
+# OLoRA, which start `BA` at the weight's own principal part.
 #
 # **What you need to know first:** lesson 00 (the model) and lesson 01 (the training loop, the memory bill);
 # the rank of a matrix; the chain rule for a matrix product.
@@ -563,6 +564,56 @@ assert all(v["norm_L"] > 2 * v["norm_F"] for v in mean.values())  # and LoRA mov
 # That is LoRA's bet measured: the few directions it can use are among those that matter most to full
 # fine-tuning. (A longer or harder task would move these numbers; the cells above measure them for yours.)
 # %% [markdown]
+# ## Starting from the weight: PiSSA and OLoRA
+#
+# LoRA starts `BA` at zero, so the first steps only find a direction. PiSSA (Meng et al. 2024) starts `BA` at the
+# weight's own **principal part** instead: with the SVD `W = U S Vᵀ`, put the top `r` singular pairs into `B` and
+# `A` (split evenly, `A = √(S_r/s) V_rᵀ`, `B = U_r √(S_r/s)`, so `sBA = U_r S_r V_rᵀ`) and leave the rest in the
+# frozen base, `W_res = W − sBA`. The model computes `W_res + sBA = W`: it starts unchanged, but training now moves
+# the directions that carry most of `W`. OLoRA (Büyükakyüz 2024) does the same with a QR decomposition
+# (`B = Q_r`, `A = R_r`). From scratch, on one layer of the float64 model:
+
+# %%
+W = small.model.layers[0].self_attn.q_proj.weight.detach()
+r_, s_ = 4, 8 / 4
+U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+A_p = (S[:r_] / s_).sqrt()[:, None] * Vh[:r_]  # (r, in)
+B_p = U[:, :r_] * (S[:r_] / s_).sqrt()  # (out, r)
+W_res = W - s_ * B_p @ A_p
+assert torch.allclose(W_res + s_ * B_p @ A_p, W, rtol=0, atol=1e-13)  # the start leaves W unchanged
+share = (S[:r_] ** 2).sum() / (S**2).sum()  # ||sBA||² / ||W||²: the part of W that now trains
+print(
+    f"PiSSA, rank {r_} of {min(W.shape)}: s·B·A holds {share:.1%} of ||W||² (a flat spectrum: {r_ / min(W.shape):.1%})"
+)
+assert share > r_ / min(W.shape)
+
+# %% [markdown]
+# The library does this for every target with `init_lora_weights="pissa"` (or `"pissa_niter_K"`: a randomised SVD
+# with `K` iterations, faster on big matrices) and `"olora"`, rewriting the base weight to `W_res`. Checked: the
+# model's logits are unchanged in float64, and `sBA` is the `U_r S_r V_rᵀ` built above (the signs of each singular
+# pair are free, the product is not).
+
+# %%
+for init in ("pissa", "olora"):
+    start = get_peft_model(copy.deepcopy(small), LoraConfig(r=4, lora_alpha=8, init_lora_weights=init))
+    with torch.no_grad():
+        diff = (start(ids).logits - base_logits).abs().max().item()
+    q_layer = start.base_model.model.layers[0].self_attn.q_proj
+    print(f"{init}: max |logit change| at the start {diff:.1e}")
+    assert diff < 1e-10
+    assert torch.allclose(q_layer.base_layer.weight + q_layer.delta_weight("default"), W, atol=1e-12)
+    if init == "pissa":
+        assert torch.allclose(q_layer.delta_weight("default"), s_ * B_p @ A_p, atol=1e-12)
+    else:  # OLoRA: B's columns are orthonormal
+        B_o = q_layer.lora_B["default"].weight
+        assert torch.allclose(B_o.T @ B_o, torch.eye(4, dtype=B_o.dtype), atol=1e-12)
+
+# %% [markdown]
+# To share such an adapter with people who have the original model, save it once right after the init and pass
+# that folder as `save_pretrained(..., path_initial_model_for_weight_conversion=...)`: the file then holds a plain
+# rank-`2r` LoRA on the original `W` (PEFT's convention). Lesson 07 shows the 4-bit cousin, LoftQ.
+
+# %% [markdown]
 # ## Summary
 #
 # You built a LoRA layer (`h = Wx + s·BAx`, `A` kaiming, `B` zero) and saw why `B` starts at zero; compared the
@@ -570,7 +621,8 @@ assert all(v["norm_L"] > 2 * v["norm_F"] for v in mean.values())  # and LoRA mov
 # your own and against **full fine-tuning** through `dL/dB = s·G·Aᵀ`, `dL/dA = s·Bᵀ·G`
 # ([`minipeft/gradcheck.py`](../minipeft/gradcheck.py)); trained on the sonnets with the shared budget and swept
 # the rank; merged the adapter away; wrote DoRA's `m·(W + sBA)/‖W + sBA‖` in three lines and derived its
-# gradients; and compared the update LoRA learns with the one full fine-tuning learns.
+# gradients; compared the update LoRA learns with the one full fine-tuning learns; and started `BA` at the
+# weight's principal part (PiSSA, OLoRA) with the model unchanged.
 #
 # ## Exercises
 #

@@ -29,6 +29,7 @@
 # 4. write the memory budget of QLoRA at 7B and 65B parameters, and check it against the peak measured on a GPU;
 # 5. train QLoRA and LoRA side by side on Shakespeare's sonnets, with `minipeft finetune`'s budget;
 # 6. merge the adapter into the 4-bit base, and measure what that costs.
+# 7. start the adapter with LoftQ, which picks the 4-bit weight and $BA$ together to cancel part of the error.
 #
 # **What you need first.** Lesson 02 (LoRA: $W + \frac{\alpha}{r}BA$, $B = 0$ at init, the gradient identity
 # $\partial L/\partial B = s\,G A^\top$) and lesson 06 (`quantize_nf4`, `dequantize_nf4`, `NF4Linear`).
@@ -673,6 +674,72 @@ assert abs(losses["merged\n(float32)"] - losses["QLoRA\n(adapter kept)"]) < 1e-3
 # base (lesson 03 measures what unmerged layers cost when decoding), merge into a 16-bit copy of the base for
 # serving, or re-quantize and measure.
 #
+# ## 9. LoftQ: a start that cancels part of the 4-bit error
+#
+# QLoRA starts at $\hat W$, off $W$ by the rounding, and $B = 0$ leaves all of it in place. LoftQ (Li et al. 2023)
+# chooses $Q$ and the start of $BA$ together, alternating: quantize what the adapter does not hold,
+# $Q = \mathrm{quantize}(W - sBA)$, then let the adapter hold the best rank-$r$ part of what the quantization
+# missed, $sBA = \mathrm{SVD}_r(W - \mathrm{dequantize}(Q))$. The first step is QLoRA's own $Q$ plus an adapter
+# that cancels the top of its error. From scratch, on one MLP weight of the bundled model (NF4 without double
+# quantization, as PEFT's LoftQ quantizes):
+
+# %%
+W = original.model.layers[0].mlp.down_proj.weight.detach().float().cpu()
+r_, s_ = 8, 16 / 8
+qlora_error = torch.linalg.matrix_norm(W - nf4.dequantize_nf4(nf4.quantize_nf4(W, double_quant=False))).item()
+print(f"QLoRA's start (B = 0):      ||W - dequant(Q)||       = {qlora_error:.4f}")
+residual, loftq_errors = W, []
+for step in range(1, 6):
+    q_step = nf4.quantize_nf4(residual, double_quant=False)  # Q = quantize(W - sBA)
+    w_hat = nf4.dequantize_nf4(q_step)
+    U, S, Vh = torch.linalg.svd(W - w_hat, full_matrices=False)
+    low_rank = U[:, :r_] * S[:r_] @ Vh[:r_]  # sBA: the best rank-r part of the quantization error
+    loftq_errors.append(torch.linalg.matrix_norm(W - (w_hat + low_rank)).item())
+    print(f"LoftQ after step {step}:       ||W - (dequant(Q) + sBA)|| = {loftq_errors[-1]:.4f}")
+    residual = W - low_rank
+assert loftq_errors[0] < qlora_error
+assert all(b < a for a, b in zip(loftq_errors, loftq_errors[1:]))  # here each step lowers it
+
+# %% [markdown]
+# In the library it is one more value of `init_lora_weights`, on the **float** model: LoftQ needs $W$ to choose
+# $Q$, so each targeted layer is quantized by the init itself (its base becomes an `NF4Linear` of the final $Q$),
+# and a base that is already 4-bit is refused. `A` and `B` are split as PiSSA's (lesson 02), so $sBA$ is the SVD
+# part for any `lora_alpha`. The first step of the library is the first step above, bit for bit. Then the
+# held-out loss at the start, before any training:
+
+# %%
+from minipeft.loftq import LoftQConfig
+
+loftq_model = get_peft_model(
+    copy.deepcopy(original),
+    LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights="loftq",
+               loftq_config=LoftQConfig(loftq_bits=4, loftq_iter=1)),
+)  # fmt: skip
+down = loftq_model.base_model.model.layers[0].mlp.down_proj
+q_first = nf4.quantize_nf4(W, double_quant=False)
+assert torch.equal(down.base_layer.qweight.packed.cpu(), q_first.packed)  # step 1's Q is QLoRA's Q
+assert abs(down.loftq_errors[0] - loftq_errors[0]) < 1e-4 * loftq_errors[0]
+start_losses = {
+    "float32 base": losses["float32 base"],
+    "QLoRA start (B = 0)": evaluate(
+        nf4.quantize_model(copy.deepcopy(original), double_quant=False), val_data, BATCH, VAL_BATCHES
+    )[0],  # the same NF4, without double quantization
+    "LoftQ start (1 step)": evaluate(loftq_model, val_data, BATCH, VAL_BATCHES)[0],
+}
+for k, v in start_losses.items():
+    print(f"{k:24s} held-out loss {v:.4f}")
+gap = {k: abs(v - start_losses["float32 base"]) for k, v in start_losses.items()}
+print(f"distance from the float32 model's loss: QLoRA {gap['QLoRA start (B = 0)']:.4f}, "
+      f"LoftQ {gap['LoftQ start (1 step)']:.4f}")  # fmt: skip
+assert gap["LoftQ start (1 step)"] < gap["QLoRA start (B = 0)"]
+
+# %% [markdown]
+# The weight error falls with every step, but the loss is not the weight error: check more steps on your model
+# before you pay for them (each is one SVD per layer). Training then proceeds exactly as QLoRA's, from this start.
+# PEFT runs the same algorithm but leaves $\hat W$ as a float weight for you to save and reload in 4 bits, and it
+# puts the SVD factors into `A` and `B` without dividing by $s$, so its start cancels the error only when
+# `lora_alpha == r`; the README's scope section says so.
+#
 # ## Summary
 #
 # * **QLoRA = LoRA on an NF4 base**: `get_peft_model(quantize_model(model), LoraConfig(...))`; the `LoraLayer`
@@ -688,6 +755,8 @@ assert abs(losses["merged\n(float32)"] - losses["QLoRA\n(adapter kept)"]) < 1e-3
 #   card with activation checkpointing.
 # * **Merging** into a 4-bit base is a re-quantization: how much of the training survives depends on $sBA$ against
 #   the rounding step; merge into a 16-bit copy, or measure before you ship 4 bits.
+# * **LoftQ** picks the 4-bit $Q$ and the start of $BA$ together, so the model starts nearer $W$ than QLoRA's
+#   $\hat W$: `init_lora_weights="loftq"` on the float model (`minipeft/loftq.py`).
 #
 # ## Exercises
 #
