@@ -3,6 +3,7 @@
 from .adapter import AdapterConfig
 from .checkpoint import load_pretrained, save_pretrained
 from .ia3 import IA3Config
+from .loftq import LoftQConfig
 from .lora import LoraConfig
 from .model import ModelConfig, Transformer
 from .nf4 import NF4Linear, dequantize_nf4, quantize_model, quantize_nf4
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterConfig",
     "IA3Config",
+    "LoftQConfig",
     "LoraConfig",
     "ModelConfig",
     "NF4Linear",

@@ -42,7 +42,7 @@ def test_unknown_targets_list_candidates():
         (dict(lora_dropout=1.0), r"lora_dropout must be in \[0, 1\), got 1.0"),
         (dict(lora_dropout=-0.1), r"lora_dropout must be in \[0, 1\)"),
         (dict(lora_alpha=0), "lora_alpha must be positive"),
-        (dict(init_lora_weights="pissa"), "init_lora_weights must be True, False or 'gaussian'"),
+        (dict(init_lora_weights="pissa_fast"), r"init_lora_weights must be True, False, 'gaussian', 'pissa'"),
     ],
 )
 def test_bad_lora_config(kw, msg):
