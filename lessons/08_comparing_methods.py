@@ -15,379 +15,290 @@
 # # 08 · Comparing the methods
 #
 # Lessons 01–07 built full fine-tuning, LoRA, DoRA, bottleneck adapters, prefix tuning, prompt tuning and
-# QLoRA one at a time. Here they meet on one task, under one training loop, with the same data, steps and
-# batch, and every number below is computed in this notebook when you run it.
+# QLoRA one at a time. Here they meet on one task with one budget, and the library does the measuring:
+# `minipeft compare` runs `minipeft finetune --method M` for each method, one after the other, on the same model,
+# data, steps and batch, and prints one table. This lesson's work is to **read that table**.
 #
-# **What you will build:** one function that fine-tunes a fresh copy of `tiny-shakespeare` on the sonnets with
-# a given method and measures four things —
-# 1. **trainable parameters** (and, in the exercises, each method's closed form for them),
-# 2. **memory** for training: weights + gradients + AdamW states (counted from the tensors) + activations
-#    (measured with autograd's saved-tensor hooks); on a GPU also the peak that CUDA allocated,
-# 3. **step time**, 4. **held-out loss** —
-# then one table and one figure.
+# **What you will do:**
+# 1. run `minipeft compare` from Python: `main(["compare", ...])` returns one row per method;
+# 2. derive its **trainable parameters** from the model's shapes, method by method, and check them against it;
+# 3. derive its **memory** column (on a CPU: the bytes of the training state — weights, gradients, AdamW's two
+#    moments) from those counts, including QLoRA's 4-bit weights;
+# 4. read the **step times**, and the **held-out losses** and loss curves each run wrote to its `metrics.json`.
 #
 # **What you need to know first:** lesson 01 (the memory bill) and lesson 02 (LoRA); lessons 03–07 for the
-# other methods (the one-line descriptions below are enough to read the results).
+# other methods (the table below is enough to read the results).
 #
-# Every run is a `minipeft finetune` run: the one budget of lessons 02-08 (`lessons/common.py`: 60 steps of 8
-# blocks of 128 tokens), each method with its command's defaults and its default learning rate, which
-# `benchmarks/sweep_defaults.py` picked from a sweep on this model and on SmolLM2-135M. A caveat to keep in mind:
-# that is one short run per method. The *costs* (parameters, memory) are exact; the *losses* rank the methods on
-# this budget only.
+# The budget is `minipeft finetune`'s (lessons 02–07 train on it too): 60 steps of 8 blocks of 128 tokens, each
+# method at its default learning rate, which `benchmarks/sweep_defaults.py` picked from a sweep on this model and
+# on SmolLM2-135M. A caveat to keep in mind: that is one short run per method. The *costs* (parameters, memory)
+# are exact; the *losses* rank the methods on this budget only.
 #
-# Runs in about 10 minutes on a 2-core CPU (measured on 2026-11-30 in full mode, on a machine shared
-# with other jobs: nine training runs of 60 steps); `MINIPEFT_FAST=1` (the tests) trains 10 steps each.
+# Full mode runs `minipeft compare` with its defaults, which takes most of this notebook's time (see the line
+# under the title); `MINIPEFT_FAST=1` (the tests) trains 20 steps of 32-token blocks per method.
 
 # %%
-import time
+import contextlib
+import io
+import json
+import tempfile
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
-from common import BATCH, DEVICE, FAST, SEQ_LEN, STEPS, VAL_BATCHES, exercise, finetune_config, lr, sweep
+from common import DEVICE, FAST, exercise, lr, sweep
+
+from minipeft import load_pretrained
+from minipeft.cli import main
+from minipeft.compare import METHODS
 
 device = DEVICE
-torch.manual_seed(0)
+torch.manual_seed(0)  # each finetune run seeds itself (--seed 0); this fixes the notebook's own randomness
 print(f"torch {torch.__version__} on {device}{' (fast mode)' if FAST else ''}")
-
-# %%
-import copy
-import dataclasses
-import gc
-import statistics
-
-from minipeft import (
-    AdapterConfig,
-    LoraConfig,
-    PrefixTuningConfig,
-    PromptTuningConfig,
-    get_peft_model,
-    load_pretrained,
-    quantize_model,
-)
-from minipeft.checkpoint import ASSETS
-from minipeft.data import batch_stream, load_text_dataset
-from minipeft.train import evaluate, train
-
-base, tok = load_pretrained("tiny-shakespeare", device=device)
-train_data, val_data = load_text_dataset(ASSETS / "data" / "sonnets.txt", tok, seq_len=SEQ_LEN)
-base_loss, _ = evaluate(base, val_data, BATCH, max_batches=VAL_BATCHES)
-cfg = base.config
-print(
-    f"tiny-shakespeare: {sum(p.numel() for p in base.parameters()):,d} parameters; "
-    f"held-out loss before fine-tuning {base_loss:.3f}; {STEPS} steps of {BATCH}×{SEQ_LEN} tokens per method "
-    f"({STEPS * BATCH / len(train_data):.1f} passes over the {len(train_data) * SEQ_LEN:,d} training tokens)"
-)
 
 # %% [markdown]
 # ## The contenders
 #
-# | method | what trains | lesson | the command |
-# |---|---|---|---|
-# | full fine-tuning | every weight | 01 | `--method full` |
-# | LoRA r=8 on q, v | `B A` beside `q_proj`, `v_proj` | 02 | `--method lora` |
-# | LoRA r=8, all linear | `B A` beside every linear layer of every block | 02 | `--method lora --targets all-linear` |
-# | DoRA r=8, all linear | LoRA plus one magnitude per output row | 02 | `... --targets all-linear --dora` |
-# | adapters (Houlsby), b=64 | a bottleneck MLP after attention and after the MLP | 03 | `--method adapter` |
-# | adapters (Pfeiffer), b=64 | one bottleneck MLP after the MLP | 03 | `... --placement pfeiffer` |
-# | prefix tuning, P=20 | 20 learned keys and values in every layer | 04 | `--method prefix` |
-# | prompt tuning, P=20 | 20 learned input embeddings (random init) | 05 | `--method prompt` |
-# | QLoRA r=8, all linear | LoRA on a base frozen in 4-bit NF4 | 06, 07 | `--method qlora` |
+# | compare's name | what trains | lesson |
+# |---|---|---|
+# | `full` | every weight | 01 |
+# | `lora` | `B A` (r=8) beside `q_proj` and `v_proj` | 02 |
+# | `dora` | the same LoRA plus one magnitude per output row | 02 |
+# | `adapter` | Houlsby bottleneck MLPs (b=64), after attention and after the MLP | 03 |
+# | `prefix` | 20 learned keys and values in every layer | 04 |
+# | `prompt` | 20 learned input embeddings | 05 |
+# | `qlora` | LoRA (r=8) beside every linear layer of a base frozen in 4-bit NF4 | 06, 07 |
 #
-# Each entry builds its model from a fresh copy of the base and takes its command's learning rate, `lr(method)`:
-# the LoRA variants share LoRA's, both adapter placements the adapters'. Prompt and prefix tuning need much
-# larger steps than the others.
+# Each is one `minipeft finetune` command; compare adds the shared flags (model, data, batch, block length,
+# `--out`). Its `--methods` flag picks others (`ia3` is there too, not run by default).
 
 # %%
-P_full = sum(p.numel() for p in base.parameters())
+for name, flags in METHODS.items():
+    print(f"{name:8s} minipeft finetune {' '.join(flags)}")
+
+# %% [markdown]
+# ## Running `minipeft compare`
+#
+# `--out` keeps every run: `<out>/<method>/` is a whole `finetune` run directory (the adapter or model, its
+# `metrics.json`, `command.txt`), and `<out>/compare.png` the figure. The runs print a log; we keep it aside and
+# show the commands and the table.
+
+# %%
+OUT = Path(tempfile.mkdtemp(prefix="minipeft-compare-"))  # a new, empty folder: compare refuses a used one
+SHORT = ["--steps", "20", "--seq-len", "32"] if FAST else []  # full mode: compare's defaults
+argv = ["compare", "--out", str(OUT), *SHORT]
+print("minipeft " + " ".join(argv) + "\n")
+log = io.StringIO()
+with contextlib.redirect_stdout(log):
+    rows = main(argv)  # the same function the `minipeft` command runs
+text = log.getvalue()
+print("\n".join(line for line in text.splitlines() if line.startswith("===")))
+print(text[text.index("| method") :])
+
+# %% [markdown]
+# `main` returns what it tabulated, one dict per method:
+
+# %%
+print({k: v for k, v in rows["lora"].items() if k != "curve"})
+print("curve (step, held-out loss):", [(s, round(v, 4)) for s, v in rows["lora"]["curve"]])
+
+# %% [markdown]
+# ## Reading the table: trainable parameters
+#
+# Every count follows from the model's shapes. The bundled model is a small Llama: `D` wide, `L` blocks, an
+# MLP of width `I`, grouped-query attention (queries `heads × head_dim` wide, keys and values
+# `kv_heads × head_dim`), and an embedding tied to the output layer. With finetune's defaults (rank `r`,
+# bottleneck `b`, `P` virtual tokens):
+#
+# * **full**: every parameter of the model;
+# * **lora**: `r × (in + out)` per adapted Linear (`A` is `r × in`, `B` is `out × r`), in each of the `L` blocks;
+# * **dora**: LoRA's, plus one magnitude per output row of each adapted Linear;
+# * **adapter** (Houlsby): two bottlenecks per block, each `D → b → D` with biases;
+# * **prefix**: a key and a value for each virtual token in each layer, as wide as the model's *keys*
+#   (`kv_heads × head_dim`, not `D`: grouped-query attention stores fewer keys than queries);
+# * **prompt**: one input embedding (`D`) per virtual token;
+# * **qlora**: LoRA on every Linear of every block (`all-linear`: all seven, not `lm_head`).
+
+# %%
+base, _ = load_pretrained("tiny-shakespeare")
+cfg = base.config
+V, D, I, L = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+q_width, kv_width = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+shapes = {
+    "q_proj": (D, q_width),
+    "k_proj": (D, kv_width),
+    "v_proj": (D, kv_width),
+    "o_proj": (q_width, D),
+    "gate_proj": (D, I),
+    "up_proj": (D, I),
+    "down_proj": (I, D),
+}  # fmt: skip  (in, out) of each Linear
+linear_per_block = sum(i * o for i, o in shapes.values())
+P_full = V * D + L * (linear_per_block + 2 * D) + D  # the (tied) embedding, L blocks with two norms, a final norm
+assert P_full == sum(p.numel() for p in base.parameters())
+print(f"D={D} I={I} L={L} heads={cfg.num_attention_heads} kv_heads={cfg.num_key_value_heads} "
+      f"head_dim={cfg.head_dim} V={V}: {P_full:,d} parameters")  # fmt: skip
+
 r, b, P = 8, 64, 20  # finetune's defaults: rank, bottleneck, virtual tokens
 
 
-def peft(config, quantize=False, **kw):
-    def build():
-        model = copy.deepcopy(base)
-        if quantize:
-            model = quantize_model(model)  # every Linear but the (tied) lm_head in NF4
-        return get_peft_model(model, config, **kw)
-
-    return build
+def lora_count(targets):
+    return L * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
 
 
-def full():
-    model = copy.deepcopy(base)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model
-
-
-all_linear = dict(r=r, lora_alpha=16, target_modules="all-linear")
-METHODS = {  # name: (build, finetune's method (its learning rate), the sweep's name for this run)
-    "full fine-tuning": (full, "full", "full"),
-    "LoRA q,v": (peft(LoraConfig(r=r, lora_alpha=16, target_modules=["q_proj", "v_proj"])), "lora", "lora"),
-    "LoRA all-linear": (peft(LoraConfig(**all_linear)), "lora", "lora_all"),
-    "DoRA all-linear": (peft(LoraConfig(**all_linear, use_dora=True)), "lora", None),
-    "adapters Houlsby": (peft(AdapterConfig(bottleneck_size=b, placement="houlsby")), "adapter", "adapter"),
-    "adapters Pfeiffer": (peft(AdapterConfig(bottleneck_size=b, placement="pfeiffer")), "adapter", None),
-    "prefix tuning": (peft(PrefixTuningConfig(num_virtual_tokens=P)), "prefix", "prefix"),
-    "prompt tuning": (peft(PromptTuningConfig(num_virtual_tokens=P)), "prompt", "prompt"),
-    "QLoRA all-linear": (peft(LoraConfig(**all_linear), quantize=True), "qlora", "qlora"),
+trainable = {
+    "full": P_full,
+    "lora": lora_count(["q_proj", "v_proj"]),
+    "dora": lora_count(["q_proj", "v_proj"]) + L * (q_width + kv_width),
+    "adapter": L * 2 * (D * b + b + b * D + D),
+    "prefix": P * L * 2 * kv_width,
+    "prompt": P * D,
+    "qlora": lora_count(shapes),
 }
-
-# %% [markdown]
-# ## Measuring
-#
-# * **weights**: the bytes of every parameter and buffer, the 4-bit codes and scales of NF4 layers included
-#   (`nf4.memory_report` counts them);
-# * **gradients + AdamW**: 4 + 8 bytes per trainable float32 parameter — checked against the tensors the
-#   optimizer actually holds after a step;
-# * **activations**: the bytes autograd saves for backward in one training step (lesson 01's hook), weights
-#   excluded;
-# * on a GPU, also `torch.cuda.max_memory_allocated()` over building the model and the whole training run,
-#   minus what was allocated before (the base model the notebook keeps). It includes what the accounting
-#   leaves out: temporary buffers, bfloat16 copies of weights under autocast, the evaluation. On a CPU PyTorch
-#   has no such counter, so there the total is an *accounting*;
-# * **step time**: the median wall-clock time of an optimizer step, as `train()` logs it;
-# * **held-out loss**: on the same held-out blocks for every method.
-
-# %%
-from minipeft.nf4 import memory_report
-from minipeft.train import trainable_parameters
-
-
-def weight_storages(model):  # everything that is model state, not activation
-    tensors = list(model.parameters()) + list(model.buffers())
-    for m in model.modules():
-        if hasattr(m, "qweight"):  # NF4Linear: packed codes and scales live in a dataclass
-            q = m.qweight
-            tensors += [getattr(q, f.name) for f in dataclasses.fields(q) if torch.is_tensor(getattr(q, f.name))]
-    return {t.untyped_storage().data_ptr() for t in tensors}
-
-
-def activation_bytes(model, batch):
-    skip, saved = weight_storages(model), {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in skip:
-            saved[s.data_ptr()] = s.nbytes()
-        return t
-
-    ids = batch["input_ids"].to(device)
-    model.train()
-    bf16 = device == "cuda"  # as train() does: bfloat16 autocast on a GPU, float32 on a CPU
-    with (
-        torch.autocast(device, dtype=torch.bfloat16, enabled=bf16),
-        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-    ):
-        loss = model(ids, labels=ids, return_logits=False).loss
-    del loss
-    return sum(saved.values())
-
-
-def optimizer_bytes(model, batch):  # gradients + AdamW states, measured after one step with lr = 0
-    opt = torch.optim.AdamW([p for _, p in trainable_parameters(model)], lr=0.0)  # creates states, moves nothing
-    ids = batch["input_ids"].to(device)
-    model(ids, labels=ids, return_logits=False).loss.backward()
-    grads = sum(p.grad.numel() * p.grad.element_size() for _, p in trainable_parameters(model))
-    opt.step()
-    states = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if t.dim() > 0)
-    opt.zero_grad(set_to_none=True)
-    return grads, states
-
-
-# %%
-def run(name):
-    build, method, _ = METHODS[name]
-    gc.collect()  # the previous method's model and optimizer are garbage now: free them
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()  # the base model and whatever else the notebook holds
-    torch.manual_seed(0)  # as `minipeft finetune`: the adapter's initial weights come from the global RNG
-    model = build()
-    trainable = sum(p.numel() for _, p in trainable_parameters(model))
-    if hasattr(model, "get_nb_trainable_parameters"):  # a PeftModel counts its own (PEFT's method)
-        assert trainable == model.get_nb_trainable_parameters()[0]
-    batch = next(batch_stream(train_data, BATCH, seed=0))
-    weights = memory_report(model)["total_bytes"]
-    activations = activation_bytes(model, batch)
-    start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    grads, states = optimizer_bytes(model, batch)
-    assert grads == 4 * trainable and states == 8 * trainable  # float32 gradient, exp_avg, exp_avg_sq
-    assert all(torch.equal(p, start[n]) for n, p in model.named_parameters())  # lr 0: nothing moved
-    del start
-    metrics = train(model, train_data, val_data, finetune_config(method, log_every=1))
-    step_s = statistics.median(BATCH * SEQ_LEN / e["tokens_per_s"] for e in metrics["train"][1:])
-    return dict(
-        trainable=trainable,
-        weights=weights,
-        grads=grads,
-        states=states,
-        activations=activations,
-        cuda_peak=torch.cuda.max_memory_allocated() - before if device == "cuda" else None,
-        step_ms=1000 * step_s,
-        val_loss=metrics["val_loss"],
-        curve=[e["loss"] for e in metrics["train"]],
+assert sorted(trainable, key=trainable.get) == ["prompt", "prefix", "lora", "dora", "qlora", "adapter", "full"]
+for m, n in trainable.items():
+    assert rows[m]["trainable"] == n, (m, rows[m]["trainable"], n)
+    print(
+        f"{m:8s} {n:>10,d} trainable = compare's {rows[m]['trainable']:>10,d}  ({100 * n / P_full:7.3f}% of the model)"
     )
 
-
-results = {}
-for name in METHODS:
-    t0 = time.perf_counter()
-    results[name] = run(name)
-    print(f"{name:18s} done in {time.perf_counter() - t0:5.1f}s: held-out loss {results[name]['val_loss']:.3f}")
-
 # %% [markdown]
-# ## The table
+# Full fine-tuning trains every number; every other method trains a fraction of a percent, and the fraction
+# depends on *where* it attaches (the order is checked below): prompt tuning, which touches only the input, the
+# fewest; then prefix tuning, one key and value row per virtual token per layer; LoRA and DoRA on two
+# projections; QLoRA's LoRA on all seven Linears; and the adapters, whose bottlenecks are `D × b` twice per
+# sublayer, more than all of them.
+#
+# ## Reading the table: memory
+#
+# On a GPU, compare's memory column is the peak the CUDA allocator measured over the run (everything: weights,
+# gradients, optimizer states, activations, temporary buffers). A CPU has no such counter, so there compare
+# reports an *accounting* of the training state: every weight, plus, for each trainable float32 parameter, its
+# gradient and AdamW's two moments (`exp_avg`, `exp_avg_sq`): 4 + 4 + 4 + 4 = 16 bytes per trainable parameter
+# and 4 per frozen one. QLoRA's frozen Linears are 4-bit codes instead: half a byte per weight, one `uint8`
+# scale per block of 64 (double quantization), one float32 per 256 of those scales, and per layer a float32
+# offset and a 256-entry float32 table (lesson 06). The activations are not in this column (lesson 01 measures
+# them).
 
 # %%
 MiB = 2**20
-header = (
-    f"{'method':18s} {'trainable':>10s} {'%':>7s} {'weights':>8s} {'grad+Adam':>9s} {'activ.':>7s} "
-    f"{'total':>7s} {'step ms':>8s} {'held-out':>8s} {'sweep':>6s}"
-)
-if device == "cuda":
-    header += f" {'CUDA peak':>9s}"
-print(header + "\n" + "-" * len(header))
-for name, r_ in results.items():
-    total = r_["weights"] + r_["grads"] + r_["states"] + r_["activations"]
-    line = (
-        f"{name:18s} {r_['trainable']:>10,d} {100 * r_['trainable'] / P_full:>6.2f}% "
-        f"{r_['weights'] / MiB:>7.1f}M {(r_['grads'] + r_['states']) / MiB:>8.1f}M "
-        f"{r_['activations'] / MiB:>6.1f}M {total / MiB:>6.1f}M {r_['step_ms']:>8.0f} {r_['val_loss']:>8.3f}"
-    )
-    _, method, variant = METHODS[name]
-    swept = sweep(variant, lr(method)) if variant else None  # the same command in benchmarks/README.md's sweep
-    line += f" {swept['last']:>6.3f}" if swept else f" {'-':>6s}"
-    if device == "cuda":
-        line += f" {r_['cuda_peak'] / MiB:>8.1f}M"
-    print(line)
+n_linear = L * linear_per_block  # the weights QLoRA stores in 4 bits
+nf4_bytes = n_linear // 2 + n_linear // 64 + 4 * (n_linear // (64 * 256)) + 7 * L * (4 + 256 * 4)
+frozen_bytes = {m: 0 if m == "full" else 4 * P_full for m in rows}
+frozen_bytes["qlora"] = 4 * (P_full - n_linear) + nf4_bytes
+state = {m: frozen_bytes[m] + 16 * trainable[m] for m in rows}
+print(f"{'method':8s} {'frozen':>9s} {'trainable':>10s} {'grad+AdamW':>11s} {'total':>9s} {'compare':>9s}  (MiB)")
+for m in rows:
+    print(f"{m:8s} {frozen_bytes[m] / MiB:9.2f} {4 * trainable[m] / MiB:10.2f} {12 * trainable[m] / MiB:11.2f} "
+          f"{state[m] / MiB:9.2f} {rows[m]['memory_mib']:9.2f}")  # fmt: skip
+    if device == "cpu":  # compare's CPU column is exactly this accounting
+        assert round(rows[m]["memory_mib"] * MiB) == state[m], m
 print(
-    f"\nbase model, no training: held-out loss {base_loss:.3f}.  Memory in MiB (2**20 bytes); "
-    f"{'accounted on the CPU (no allocator counter there)' if device != 'cuda' else 'CUDA peak measured'}.\n"
-    f"sweep: the held-out loss of the same `minipeft finetune` run in benchmarks/README.md's learning-rate sweep "
-    f"(60 steps, this model, a 2-core CPU){'; this run is fast mode: ' + str(STEPS) + ' steps' if FAST else ''}."
+    f"QLoRA's linear weights: {8 * nf4_bytes / n_linear:.3f} bits each, against 32; the float32 embedding "
+    f"({V}x{D}) is {4 * V * D / MiB:.2f} MiB of its {frozen_bytes['qlora'] / MiB:.2f} MiB of frozen weights"
 )
-if not FAST and device == "cpu":  # the same runs: equal up to the order of floating-point sums (thread count)
-    for name, (_, method, variant) in METHODS.items():
-        if variant:
-            assert abs(results[name]["val_loss"] - sweep(variant, lr(method))["last"]) < 0.01, name
 
 # %% [markdown]
-# Checks that hold whatever the random seeds: only full fine-tuning pays gradients and AdamW states for every
-# weight; the 4-bit base makes QLoRA's weights the smallest; prompt and prefix tuning train the fewest
-# parameters; DoRA keeps more activations than LoRA of the same rank (see below). And training must have
-# helped at least the methods that adapt every layer.
-
-# %%
-fixed = {n: r_["grads"] + r_["states"] for n, r_ in results.items()}
-assert fixed["full fine-tuning"] > 10 * max(v for n, v in fixed.items() if n != "full fine-tuning")
-assert results["QLoRA all-linear"]["weights"] < 0.7 * results["LoRA all-linear"]["weights"]
-fewest = sorted(results, key=lambda n: results[n]["trainable"])[:2]
-assert set(fewest) == {"prompt tuning", "prefix tuning"}, fewest
-assert results["DoRA all-linear"]["activations"] > 1.3 * results["LoRA all-linear"]["activations"]
-# the first step's loss is on the same batch for everyone; LoRA starts exactly as the base model
-assert results["prefix tuning"]["curve"][0] > results["LoRA all-linear"]["curve"][0]
-for n in ["full fine-tuning", "LoRA all-linear", "DoRA all-linear", "QLoRA all-linear"]:
-    assert results[n]["val_loss"] < base_loss, n
-
-# %% [markdown]
-# ## The picture
+# Full fine-tuning pays 16 bytes for every parameter: the weights, and three more copies of them (the gradient
+# and two AdamW moments). Every PEFT method pays 4 bytes per frozen parameter and the 16 only on its small
+# trainable set: its training state is the frozen model plus a small remainder. QLoRA stores the Linears at the
+# bits per weight printed above instead of 32, but on this model the embedding, which no method quantizes, is a large part of what is left; on a 7B model the
+# Linears are nearly all of the weights, which is where QLoRA pays (lesson 07 writes that budget).
 #
-# Left: what each method buys per trainable parameter (log scale). Middle: the memory bill, stacked.
-# Right: the training curves.
+# ## Reading the table: step time
+#
+# `ms/step` is the wall-clock time of the optimizer steps alone (no evaluation, no saving), averaged over the
+# run. Ratios to LoRA's:
 
 # %%
-names = list(results)
-colors = {n: f"C{i}" for i, n in enumerate(names)}
+for m in rows:
+    ratio = rows[m]["ms_per_step"] / rows["lora"]["ms_per_step"]
+    print(f"{m:8s} {rows[m]['ms_per_step']:7.0f} ms/step  {ratio:5.2f}x LoRA's")
+print(f"full fine-tuning trains {trainable['full'] / trainable['lora']:.0f}x LoRA's parameters")
+assert rows["full"]["ms_per_step"] < 10 * rows["lora"]["ms_per_step"]  # far less than that: see below
+
+# %% [markdown]
+# A full step is nowhere near as much slower as its trainable count would suggest (under 10x LoRA's time,
+# checked, against the parameter ratio printed above): the forward pass, and the backward pass through every frozen layer down to
+# the first trainable parameter, are the bulk of the work whatever trains. What PEFT saves is
+# the weight gradients of the frozen layers and the optimizer update of every weight. QLoRA also dequantizes every
+# weight on every pass, in forward and again in backward, which a fused 4-bit kernel would avoid. On a shared
+# CPU these times are noisy (other programs take turns on the cores): compare ratios within one run, not across
+# runs.
+#
+# ## Reading the table: held-out loss, and the curves
+#
+# Three losses per method, on the same held-out blocks: `base` (the model before any adapter), `start` (step 0,
+# the adapted model before training) and `end`. Each run's `metrics.json` holds the whole history: the held-out
+# loss at every evaluation (compare's curve) and the training loss of every 10th step.
+
+# %%
+metrics = {m: json.loads((OUT / m / "metrics.json").read_text()) for m in rows}
+for m, r_ in rows.items():
+    assert [(e["step"], e["val_loss"]) for e in metrics[m]["eval"]] == r_["curve"]  # what compare tabulated
+base_loss = rows["lora"]["base"]
+assert all(r_["base"] == base_loss for r_ in rows.values())  # one base model, one held-out set
+
 fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-
-ax = axes[0]
-for n in names:
-    ax.scatter(results[n]["trainable"], results[n]["val_loss"], color=colors[n], s=60)
-    ax.annotate(
-        n, (results[n]["trainable"], results[n]["val_loss"]), fontsize=8, xytext=(4, 4), textcoords="offset points"
-    )
-ax.axhline(base_loss, color="gray", ls="--", label="base model")
-ax.set_xscale("log")
-ax.set_xlabel("trainable parameters")
-ax.set_ylabel("held-out loss")
-ax.legend()
-ax.set_title("held-out loss vs trainable parameters")
-
-ax = axes[1]
-bottom = torch.zeros(len(names))
-for part in ["weights", "grads", "states", "activations"]:
-    v = torch.tensor([results[n][part] / MiB for n in names], dtype=torch.float32)
-    ax.barh(names, v, left=bottom, label={"states": "AdamW states"}.get(part, part))
-    bottom += v
-ax.invert_yaxis()
-ax.set_xlabel("MiB")
-ax.legend(fontsize=8)
-ax.set_title(f"training memory (activations: {BATCH}×{SEQ_LEN} tokens)")
-
-ax = axes[2]
-smooth = lambda c, k=5: [sum(c[max(0, i - k + 1) : i + 1]) / len(c[max(0, i - k + 1) : i + 1]) for i in range(len(c))]
-for n in names:
-    ax.plot(smooth(results[n]["curve"]), color=colors[n], label=n, lw=1)
-ax.set_xlabel("step")
-ax.set_ylabel("training loss (mean of the last 5 steps)")
-ax.legend(fontsize=7)
-ax.set_title("training curves")
+for i, m in enumerate(rows):
+    axes[0].plot(*zip(*rows[m]["curve"]), marker="o", color=f"C{i}", label=m)
+    axes[1].plot([e["step"] for e in metrics[m]["train"]], [e["loss"] for e in metrics[m]["train"]], marker=".",
+                 color=f"C{i}", label=m)  # fmt: skip
+    axes[2].scatter(rows[m]["trainable"], rows[m]["after"], color=f"C{i}", s=60)
+    axes[2].annotate(m, (rows[m]["trainable"], rows[m]["after"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+for ax in (axes[0], axes[2]):
+    ax.axhline(base_loss, color="gray", ls="--", label="base model")
+axes[0].set(xlabel="optimizer step", ylabel="held-out loss", title="held-out loss (metrics.json: eval)")
+axes[1].set(xlabel="optimizer step", ylabel="training loss (one batch)", title="training loss (metrics.json: train)")
+axes[2].set(xscale="log", xlabel="trainable parameters", ylabel="held-out loss at the end", title="loss vs size")
+axes[0].legend(fontsize=8)
 plt.tight_layout()
 plt.show()
 
+# %%
+for m, r_ in rows.items():
+    print(f"{m:8s} base {r_['base']:.4f}  start {r_['before']:.4f} ({r_['before'] - r_['base']:+.4f})  "
+          f"end {r_['after']:.4f} ({r_['after'] - r_['before']:+.4f})")  # fmt: skip
+
 # %% [markdown]
-# ## Reading the results
-#
-# The numbers the discussion below rests on, from the runs above:
+# What the starts say, checked below: full fine-tuning, LoRA (`B = 0`) and the adapters (their up-projection
+# starts at zero) start *exactly* as the base model; DoRA starts equal up to rounding (its magnitude is the
+# weight's own row norm); QLoRA starts at the 4-bit model, a little above the base (the quantization error of
+# lesson 06); prefix and prompt tuning start from random keys, values and embeddings that every token attends
+# to, so above the base, and their first steps go to undoing that (they also take the largest learning rates).
 
 # %%
-lora_all = results["LoRA all-linear"]
-print(
-    f"full fine-tuning trains {results['full fine-tuning']['trainable'] / lora_all['trainable']:.0f}x the parameters "
-    f"of LoRA all-linear and keeps {fixed['full fine-tuning'] / MiB:.1f} MiB of gradients and AdamW states, "
-    f"against {fixed['LoRA all-linear'] / MiB:.2f} MiB"
-)
-print(
-    f"weights: QLoRA {results['QLoRA all-linear']['weights'] / MiB:.1f} MiB, LoRA {lora_all['weights'] / MiB:.1f} MiB "
-    f"(of which the float32 embedding: {base.model.embed_tokens.weight.numel() * 4 / MiB:.1f} MiB)"
-)
-print(f"activations: DoRA {results['DoRA all-linear']['activations'] / lora_all['activations']:.2f}x LoRA's")
-print("step time against LoRA all-linear: " + ", ".join(
-    f"{n} {results[n]['step_ms'] / lora_all['step_ms']:.2f}x" for n in ("full fine-tuning", "QLoRA all-linear")))  # fmt: skip
-print(f"trainable: prompt tuning {results['prompt tuning']['trainable']:,d}, "
-      f"prefix tuning {results['prefix tuning']['trainable']:,d}")  # fmt: skip
-print("held-out loss, lowest first: " + ", ".join(
-    f"{n} {results[n]['val_loss']:.3f}" for n in sorted(results, key=lambda n: results[n]["val_loss"])))  # fmt: skip
+for m in ("full", "lora", "adapter"):
+    assert rows[m]["before"] == base_loss, m
+assert abs(rows["dora"]["before"] - base_loss) < 1e-4
+for m in ("qlora", "prefix", "prompt"):
+    assert rows[m]["before"] > base_loss, m
+for m in ("full", "lora", "dora", "adapter", "qlora"):  # training helped the methods that start at the model
+    assert rows[m]["after"] < rows[m]["before"], m
+if not FAST and device == "cpu":  # the same commands as benchmarks/README.md's sweep on this CPU: equal results
+    for m, r_ in rows.items():  # up to the order of floating-point sums (thread count)
+        swept = sweep(m, lr(m if m != "dora" else "lora"))
+        print(f"{m:8s} end {r_['after']:.4f}, the sweep's {swept['last']:.4f}")
+        assert abs(r_["after"] - swept["last"]) < 0.01, m
+print("held-out loss at the end, lowest first: " + ", ".join(
+    f"{m} {rows[m]['after']:.4f}" for m in sorted(rows, key=lambda m: rows[m]["after"])))  # fmt: skip
 
 # %% [markdown]
-# * **Memory.** Full fine-tuning's gradients and AdamW states are three copies of the model; every PEFT
-#   method shrinks them to almost nothing. What is left is the frozen weights (QLoRA keeps its linear layers in 4
-#   bits instead of 32, but this model's float32 embedding, which no method quantizes, is a large part of its
-#   bytes) and the activations, which **no** method removes: backward must still pass through every frozen
-#   layer. At this model size the activations dominate; for a 7B model the weights and optimizer states do, which
-#   is where LoRA and QLoRA pay off (lesson 07 writes that budget). DoRA keeps more activations than LoRA: in
-#   every adapted layer it multiplies both the base output and the LoRA output by the magnitude ratio
-#   `m / ‖W + sBA‖`, and autograd keeps both `(tokens × out_features)` products for backward, where LoRA keeps
-#   only its `r`-wide intermediate.
-# * **Time.** A PEFT step is not much cheaper than a full one: the forward and backward passes through the
-#   frozen model are the bulk of the work (the step-time ratios above). QLoRA also dequantizes every weight on
-#   every pass, in forward and again in backward, which a fused 4-bit kernel would avoid. On a shared CPU the
-#   step times are noisy: compare ratios within one run, not across runs.
-# * **Quality.** Compare the held-out losses with the base model's (the dashed line) and with each other, on this
-#   budget only. Prompt and prefix tuning train the fewest numbers and need the largest learning rates; prefix
-#   tuning also starts *behind*: its keys and values start random and every token attends to them, so its first
-#   losses are above the base model's (see its curve) and its first steps go to undoing that. The `sweep` column
-#   is the same command run by `benchmarks/sweep_defaults.py`: on a CPU the two agree up to the order of
-#   floating-point sums.
+# * **Costs** are exact and follow from shapes: trainable parameters from where the method attaches, the
+#   training state from 16 bytes per trainable parameter and 4 (or about half a byte, in NF4) per frozen one.
+# * **Time** hardly depends on how much trains: every method runs the whole model forward and backward.
+# * **Quality**, on this budget only: compare each method's end with the base model's loss (the dashed line) and
+#   with the others; a method that starts above the base (prefix, prompt) spends steps getting back to it. In
+#   full mode on a CPU the ends equal the runs of `benchmarks/sweep_defaults.py`, the sweep that chose the
+#   learning rates (checked above): the table is reproducible.
 #
 # ## Summary
 #
-# You trained nine methods on one task under one loop — [`minipeft/train.py`](../minipeft/train.py), on the
-# budget of `minipeft finetune` — and measured trainable parameters, memory (weights via
-# [`minipeft/nf4.py`](../minipeft/nf4.py)'s `memory_report`, gradients and optimizer states from the
-# optimizer's own tensors, activations from autograd's saved tensors), step time and held-out loss. The
-# methods live in [`lora.py`](../minipeft/lora.py), [`adapter.py`](../minipeft/adapter.py),
+# You ran every method on one task with one command — [`minipeft/compare.py`](../minipeft/compare.py), which
+# runs [`minipeft finetune`](../minipeft/cli.py) per method on [`train()`](../minipeft/train.py) — and read
+# its table: the trainable counts from the model's shapes, the training state from bytes per parameter
+# (QLoRA's from [`nf4.py`](../minipeft/nf4.py)'s layout), the step times, and the loss curves in each run's
+# `metrics.json`. The methods live in [`lora.py`](../minipeft/lora.py), [`adapter.py`](../minipeft/adapter.py),
 # [`prefix.py`](../minipeft/prefix.py), [`prompt.py`](../minipeft/prompt.py) and
 # [`nf4.py`](../minipeft/nf4.py), all behind [`peft.py`](../minipeft/peft.py)'s `get_peft_model`.
 #

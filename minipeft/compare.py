@@ -9,6 +9,9 @@ memory, time per step, the held-out loss of the base model, at the start (step 0
 one. Memory is the peak the allocator measured on a GPU; on a CPU, where nothing measures it per run, it is the
 bytes the run's training state takes: weights, plus gradients and AdamW's two moments of the trainable ones.
 The figure (matplotlib, an optional extra; without it a hint) plots every method's held-out loss over the steps.
+From Python, `minipeft.cli.main(["compare", ...])` returns the table's rows, {method: {trainable, memory_mib,
+ms_per_step, base, before, after, best, curve}}; with --out, each run's metrics.json holds its whole history
+(lesson 08 reads both).
 """
 
 import tempfile
