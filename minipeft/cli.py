@@ -27,7 +27,7 @@ ASSETS = Path(__file__).parent / "assets"
 DEFAULT_DATA = ASSETS / "data" / "sonnets.txt"
 METHODS = ("lora", "qlora", "full", "adapter", "prefix", "prompt", "ia3")
 # The flags each method reads; any other method flag given with it is an error, not silently ignored.
-LORA_FLAGS = ("r", "alpha", "dropout", "targets", "rslora", "dora", "lora_plus")
+LORA_FLAGS = ("r", "alpha", "dropout", "targets", "rslora", "dora", "lora_plus", "init_lora_weights")
 METHOD_FLAGS = {
     "lora": LORA_FLAGS,
     "qlora": (*LORA_FLAGS, "blocksize", "no_double_quant"),
@@ -39,7 +39,7 @@ METHOD_FLAGS = {
 }
 FLAG_DEFAULTS = dict(r=8, alpha=16.0, dropout=0.0, targets="q_proj,v_proj", rslora=False, dora=False,
                      blocksize=64, no_double_quant=False, bottleneck=64, placement="houlsby", virtual_tokens=20,
-                     prefix_projection=False)  # fmt: skip
+                     prefix_projection=False, init_lora_weights="true")  # fmt: skip
 # Defaults per method, from a measured sweep of learning rates (benchmarks/sweep_defaults.py; its tables are in
 # benchmarks/README.md): 60 steps of each method at each lr, on the bundled model (CPU) and on SmolLM2-135M (H200)
 # with the bundled Sonnets; the lr kept is the one whose last held-out loss is lowest relative to its start on both
@@ -111,6 +111,9 @@ def build_parser():
     g.add_argument("--dora", action="store_true", default=None)
     g.add_argument("--lora-plus", "--loraplus-ratio", dest="lora_plus", type=positive_float, default=None,
                    metavar="RATIO", help="LoRA+: lr of lora_B (and of 1-D weights) times RATIO, e.g. 16")  # fmt: skip
+    g.add_argument("--init-lora-weights", default=None, metavar="INIT",
+                   help="LoRA's start: true (B = 0), gaussian, pissa, pissa_niter_K, olora (the weight's principal "
+                   "part, the base rewritten); with --method qlora also loftq (the 4-bit error partly cancelled)")  # fmt: skip
     g.add_argument("--blocksize", type=int, default=None, help="QLoRA: NF4 block size (default 64)")
     g.add_argument("--no-double-quant", action="store_true", default=None, help="QLoRA: keep absmax in float32")
     g = f.add_argument_group("adapters, prefix and prompt tuning")
@@ -204,7 +207,8 @@ def build_parser():
     c.add_argument("--model", default="tiny-shakespeare")
     c.add_argument("--data", default=str(DEFAULT_DATA))
     c.add_argument("--methods", default="full,lora,dora,adapter,prefix,prompt,qlora",
-                   help="comma-separated, of: full, lora, dora, adapter, prefix, prompt, qlora, ia3 (default: all but ia3)")  # fmt: skip
+                   help="comma-separated, of: full, lora, dora, adapter, prefix, prompt, qlora, ia3, pissa, olora, loftq "
+                   "(default: the first seven)")  # fmt: skip
     c.add_argument("--steps", type=positive_int, default=None, help="default: each method's finetune default")
     c.add_argument("--batch-size", type=positive_int, default=8)
     c.add_argument("--seq-len", type=positive_int, default=128)
@@ -316,6 +320,23 @@ def writable_folder(out, flag, *, overwrite=False, resume=False, run=False):
         )
 
 
+def lora_init(args):
+    """--init-lora-weights as LoraConfig's (init_lora_weights, loftq_config). LoftQ quantizes the bases itself (NF4,
+    blocks of 64, no double quantization, as PEFT's loftq_init), so it comes with --method qlora only."""
+    init = {"true": True, "false": False}.get(str(args.init_lora_weights).lower(), args.init_lora_weights)
+    if init != "loftq":
+        return init, {}
+    if args.method != "qlora" or args.blocksize != 64 or not args.no_double_quant:
+        raise SystemExit(
+            "error: --init-lora-weights loftq quantizes the base itself: use it with --method qlora, --blocksize 64 "
+            f"and --no-double-quant (got --method {args.method}, --blocksize {args.blocksize}, "
+            f"--no-double-quant {bool(args.no_double_quant)})"
+        )
+    from .loftq import LoftQConfig
+
+    return init, LoftQConfig(loftq_bits=4, loftq_iter=1)
+
+
 def build_peft_config(args):
     """The method's config from the command line (validated here, before any loading); None for full."""
     from .lora import LoraConfig
@@ -328,6 +349,7 @@ def build_peft_config(args):
         targets = (
             targets if targets == "all-linear" or any(c in targets for c in "\\()[]*+?|^$") else targets.split(",")
         )
+        init, loftq = lora_init(args)
         return LoraConfig(
             r=args.r,
             lora_alpha=args.alpha,
@@ -335,6 +357,8 @@ def build_peft_config(args):
             target_modules=targets,
             use_rslora=args.rslora,
             use_dora=args.dora,
+            init_lora_weights=init,
+            loftq_config=loftq,
             base_model_name_or_path=base,
         )
     if args.method == "adapter":
@@ -534,7 +558,7 @@ def _finetune(args, device=None, check_only=False):
         rows = args.batch_size * distributed.world()[1]  # the global batch's rows, as train() evaluates
         base, _ = evaluate(model, val_data, rows, 20, device=device, bf16=bf16)
         print(f"held-out loss of the base model{' (full precision)' if args.method == 'qlora' else ''}: {base:.4f}")
-    if args.method == "qlora":
+    if args.method == "qlora" and config.init_lora_weights != "loftq":  # LoftQ quantizes the targets itself
         from .nf4 import quantize_model
 
         model = quantize_model(model, blocksize=args.blocksize, double_quant=not args.no_double_quant)
@@ -790,5 +814,11 @@ def main(argv=None):
         raise SystemExit(f"error: {e}") from None
 
 
-if __name__ == "__main__":
+def console():
+    """The `minipeft` command (pyproject's entry point): exit status 0 after a run. main() returns the run's results
+    to Python callers; the entry-point wrapper would pass them to sys.exit, which prints them and exits 1."""
     main()
+
+
+if __name__ == "__main__":
+    console()

@@ -28,6 +28,9 @@ METHODS = {  # compare's names -> finetune's flags
     "prompt": ["--method", "prompt"],
     "qlora": ["--method", "qlora"],
     "ia3": ["--method", "ia3"],
+    "pissa": ["--method", "lora", "--init-lora-weights", "pissa"],
+    "olora": ["--method", "lora", "--init-lora-weights", "olora"],
+    "loftq": ["--method", "qlora", "--init-lora-weights", "loftq", "--no-double-quant"],
 }
 
 

@@ -355,3 +355,46 @@ def test_finetune_ia3_writes_a_peft_ia3_adapter_that_loads_back(tmp_path):
     assert not torch.allclose(adapted, plain)
     down = [k for k in state if "down_proj" in k]
     assert down and state[down[0]].shape[-1] == base.config.intermediate_size  # scales down_proj's input
+
+
+def test_the_console_command_exits_0_after_a_run(tmp_path, monkeypatch):
+    """pyproject's `minipeft` entry point returns None (exit status 0) after a run that main() returns results for:
+    the generated wrapper calls sys.exit(entry()), and a dict there is printed and exits 1."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    module, function = pyproject["project"]["scripts"]["minipeft"].split(":")
+    argv = ["minipeft", "finetune", "--steps", "1", "--eval-every", "0", "--batch-size", "2", "--seq-len", "16",
+            "--no-samples", "--out", str(tmp_path / "run")]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    assert getattr(importlib.import_module(module), function)() is None
+    assert main(argv[1:-1] + [str(tmp_path / "run2")])["steps_run"] == 1  # while main() returns the results
+
+
+def test_init_lora_weights_pissa_and_loftq_from_the_command_line(tmp_path, capsys):
+    """--init-lora-weights: PiSSA rewrites the base so the model starts unchanged (step 0 equals the base model's
+    loss); LoftQ (with --method qlora) starts nearer the full-precision model than plain QLoRA on the same 4-bit
+    settings; both are the library's LoraConfig(init_lora_weights=...) in the saved adapter_config.json."""
+    common = ["--steps", "1", "--eval-every", "0", "--batch-size", "4", "--seq-len", "32", "--no-samples"]
+
+    def run(name, *flags):
+        out = tmp_path / name
+        metrics = main(["finetune", *flags, *common, "--out", str(out)])
+        return metrics, json.loads((out / "adapter" / "adapter_config.json").read_text())
+
+    pissa, config = run("pissa", "--init-lora-weights", "pissa")
+    assert config["init_lora_weights"] == "pissa" and pissa["eval"][0]["val_loss"] == pytest.approx(
+        pissa["base_loss"], abs=1e-5
+    )
+    q = ["--method", "qlora", "--no-double-quant", "--targets", "q_proj,v_proj,down_proj"]
+    qlora, _ = run("qlora", *q)
+    loftq, config = run("loftq", *q, "--init-lora-weights", "loftq")
+    assert config["init_lora_weights"] == "loftq" and config["loftq_config"]["loftq_bits"] == 4
+    base = qlora["base_loss"]
+    assert loftq["base_loss"] == base and abs(loftq["before"] - base) < abs(qlora["before"] - base)
+    with pytest.raises(SystemExit, match="loftq quantizes the base itself: use it with --method qlora"):
+        main(["finetune", "--init-lora-weights", "loftq", *common, "--out", str(tmp_path / "bad")])
