@@ -69,7 +69,8 @@ def mark_executed(nb, seconds, load):
     """Say under the title how long the full run took, where and when; keep the same in the metadata."""
     when = time.strftime("%Y-%m-%d")
     nb.metadata["minipeft"] = dict(mode="full", seconds=round(seconds, 1), machine=machine(), date=when,
-                                   load_average_at_start=round(load, 2))  # fmt: skip
+                                   load_average_at_start=round(load, 2),
+                                   omp_num_threads=os.environ.get("OMP_NUM_THREADS"))  # fmt: skip
     nb.cells[0].source += f"{EXECUTED} on {machine()} in {seconds / 60:.1f} min ({when}).*"
 
 
