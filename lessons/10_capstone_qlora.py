@@ -422,6 +422,12 @@ del on_float, float_base
 
 # %%
 print(f"this notebook ran for {time.perf_counter() - T_START:.0f} s (device {DEVICE}, fast {FAST})")
+if FAST:  # the tests: leave no files behind (about half a GB); a full run keeps them, merged.gguf among them
+    import shutil
+
+    shutil.rmtree(WORK)
+else:
+    print(f"the adapter, the 4-bit base, merged/ and merged.gguf are in {WORK}")
 
 # %% [markdown]
 # ## Summary
