@@ -73,6 +73,7 @@ def finetune_args(method, lr, a):
     argv += ["--steps", str(a.steps)] if a.steps else []  # else the CLI's steps for the method
     args = cli.build_parser().parse_args(argv)
     cli.method_args(args)
+    args.batch_size = args.batch_size or cli.DEFAULT_BATCH  # as finetune without --global-batch
     return args
 
 

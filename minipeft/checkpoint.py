@@ -88,6 +88,8 @@ def load_pretrained(name_or_path, *, dtype=None, device=None):
         raise FileNotFoundError(
             f"{name_or_path}: no such file or folder, nor a registered name ({', '.join(REGISTRY)})"
         )
+    # where it came from, as transformers' name_or_path: get_peft_model records it in the adapter's config
+    model.name_or_path = str(name_or_path) if path != Path(name_or_path) else os.path.realpath(path)
     return model.to(device or "cpu"), tok  # .to() recomputes inv_freq in the right dtype (Transformer._apply)
 
 

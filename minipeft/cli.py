@@ -26,6 +26,7 @@ import torch
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_DATA = ASSETS / "data" / "sonnets.txt"
 METHODS = ("lora", "qlora", "full", "adapter", "prefix", "prompt", "ia3")
+DEFAULT_BATCH = 8  # rows per micro-batch (and process); --global-batch sets it from the global batch instead
 # The flags each method reads; any other method flag given with it is an error, not silently ignored.
 LORA_FLAGS = ("r", "alpha", "dropout", "targets", "rslora", "dora", "lora_plus", "init_lora_weights")
 METHOD_FLAGS = {
@@ -261,13 +262,17 @@ def resolve_adapter_dir(path):
 
 def base_model_of(adapter_dir):
     """The base model an adapter names: a registered name, or a path (a relative one is tried from the current
-    folder, then from the adapter's folder); None if it names none."""
+    folder, then from the adapter's folder); an error (pass --model) if it names none or one not found."""
     from .checkpoint import REGISTRY
     from .files import read_json
 
     base = read_json(Path(adapter_dir) / "adapter_config.json", expect=dict).get("base_model_name_or_path")
-    if not isinstance(base, str) or base in REGISTRY or Path(base).exists():
-        return base if isinstance(base, str) else None
+    if not isinstance(base, str) or not base:
+        raise SystemExit(
+            f"error: the adapter in {adapter_dir} names no base model (base_model_name_or_path): pass --model"
+        )
+    if base in REGISTRY or Path(base).exists():
+        return base
     beside = Path(adapter_dir) / base
     if beside.exists():
         return str(beside)
@@ -477,7 +482,7 @@ def finetune_processes(args):
             )
         args.batch_size = global_batch // (n * args.grad_accum)
     elif args.batch_size is None:
-        args.batch_size = 8
+        args.batch_size = DEFAULT_BATCH
     return n
 
 
@@ -634,7 +639,7 @@ def load_with_adapters(args):
     names = [n for n, _ in adapters]
     if len(set(names)) != len(names):
         raise SystemExit(f"error: duplicate adapter names {names}")
-    model_name = args.model or (adapters and base_model_of(adapters[0][1])) or "tiny-shakespeare"
+    model_name = args.model or (base_model_of(adapters[0][1]) if adapters else "tiny-shakespeare")
     model, tokenizer = load_pretrained(model_name, dtype=pick_dtype(args.dtype, device), device=device)
     if adapters:
         (first, path), rest = adapters[0], adapters[1:]
@@ -721,7 +726,7 @@ def cmd_merge(args):
     if args.adapter is None and args.model is None:
         raise SystemExit("error: give --adapter (merged into its base) or --model (written as it is)")
     adapter_dir = resolve_adapter_dir(args.adapter) if args.adapter else None
-    base = args.model or base_model_of(adapter_dir) or "tiny-shakespeare"
+    base = args.model or base_model_of(adapter_dir)
     if args.out:
         check_not_a_source(args.out, [("base model", model_path(base)), ("adapter", adapter_dir)])
         writable_folder(args.out, "--out", overwrite=args.overwrite)

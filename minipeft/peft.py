@@ -520,4 +520,6 @@ def get_peft_model(model, config, adapter_name="default", tokenizer=None) -> Pef
         raise ValueError("model is already a PeftModel: use peft_model.add_adapter(name, config) instead")
     for p in model.parameters():
         p.requires_grad_(False)
+    if config.base_model_name_or_path is None:  # as PEFT: the model's own name_or_path (load_pretrained sets it)
+        config.base_model_name_or_path = getattr(model, "name_or_path", None)
     return PeftModel(model, config, adapter_name, tokenizer=tokenizer)

@@ -4,6 +4,7 @@
     python scripts/build_lessons.py 02 07            # only these lessons
     python scripts/build_lessons.py --execute 02     # and run it top to bottom (full mode), keeping its outputs
     python scripts/build_lessons.py --check          # exit 1 if a committed notebook's cells differ from its source
+    python scripts/build_lessons.py --text 02        # prose edits only: the executed notebook's text cells updated
 
 The committed notebooks are the executed ones (`--execute`), so that their numbers and plots show on GitHub
 without running anything; the run's time, date and machine are written under the title (EXECUTED below) and into
@@ -90,6 +91,24 @@ def execute(nb, timeout=3600):
             os.environ["MINIPEFT_FAST"] = env_fast
 
 
+def refresh_text(nb, target):
+    """The executed notebook at `target` with the text cells of a fresh build `nb` (its code and outputs kept, its
+    executed line kept); an error if a code cell changed, since that needs a new run (--execute)."""
+    import nbformat
+
+    old = nbformat.read(target, as_version=4)
+    code = [(c.cell_type, c.source) for c in nb.cells if c.cell_type == "code"]
+    if code != [(c.cell_type, c.source) for c in old.cells if c.cell_type == "code"] or len(nb.cells) != len(old.cells):
+        raise SystemExit(f"{target.name}: code cells changed since it ran; rebuild it with --execute")
+    for i, (new, cell) in enumerate(zip(nb.cells, old.cells, strict=True)):
+        if new.cell_type != cell.cell_type:
+            raise SystemExit(f"{target.name}: cell {i} changed kind; rebuild it with --execute")
+        if cell.cell_type == "markdown":
+            executed = cell.source[len(cell.source.split(EXECUTED)[0]) :] if i == 0 else ""
+            cell.source = new.source + executed
+    return old
+
+
 def main(argv=None):
     import nbformat
 
@@ -97,6 +116,7 @@ def main(argv=None):
     ap.add_argument("numbers", nargs="*", help="lesson numbers (default: all)")
     ap.add_argument("--execute", action="store_true", help="run each notebook and keep its outputs")
     ap.add_argument("--check", action="store_true", help="only compare the committed notebooks with their sources")
+    ap.add_argument("--text", action="store_true", help="update an executed notebook's text cells only")
     args = ap.parse_args(argv)
     stale = []
     for source in sources(args.numbers):
@@ -105,6 +125,10 @@ def main(argv=None):
         if args.check:
             if not target.is_file() or cells(nbformat.read(target, as_version=4)) != cells(nb):
                 stale.append(target.name)
+            continue
+        if args.text:
+            nbformat.write(refresh_text(nb, target), target)
+            print(f"updated the text of {target.relative_to(LESSONS.parent)}")
             continue
         load = os.getloadavg()[0]  # other work on the machine slows the run: recorded with its time
         seconds = execute(nb) if args.execute else None

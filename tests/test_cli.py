@@ -398,3 +398,23 @@ def test_init_lora_weights_pissa_and_loftq_from_the_command_line(tmp_path, capsy
     assert loftq["base_loss"] == base and abs(loftq["before"] - base) < abs(qlora["before"] - base)
     with pytest.raises(SystemExit, match="loftq quantizes the base itself: use it with --method qlora"):
         main(["finetune", "--init-lora-weights", "loftq", *common, "--out", str(tmp_path / "bad")])
+
+
+def test_an_adapter_saved_from_python_names_its_base_and_one_without_a_base_is_refused(tmp_path):
+    """As PEFT: get_peft_model records the model's name_or_path (load_pretrained sets it) as the adapter's
+    base_model_name_or_path, so `merge --adapter` finds the base; an adapter naming none is an error asking for
+    --model, not a silent merge into the bundled model."""
+    from minipeft import LoraConfig, get_peft_model
+
+    model, _ = load_pretrained("tiny-shakespeare")
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    peft_model.save_pretrained(tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny-shakespeare"
+    main(["merge", "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "merged")])
+    assert (tmp_path / "merged" / "config.json").is_file()
+    config["base_model_name_or_path"] = None
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="names no base model .*: pass --model"):
+        main(["merge", "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "m2")])
+    assert not (tmp_path / "m2").exists()
