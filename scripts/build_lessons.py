@@ -5,6 +5,7 @@
     python scripts/build_lessons.py --execute 02     # and run it top to bottom (full mode), keeping its outputs
     python scripts/build_lessons.py --check          # exit 1 if a committed notebook's cells differ from its source
     python scripts/build_lessons.py --text 02        # prose edits only: the executed notebook's text cells updated
+    python scripts/build_lessons.py --times          # the table of full-run times for lessons/README.md
 
 The committed notebooks are the executed ones (`--execute`), so that their numbers and plots show on GitHub
 without running anything; the run's time, date and machine are written under the title (EXECUTED below) and into
@@ -109,6 +110,22 @@ def refresh_text(nb, target):
     return old
 
 
+def times_table():
+    """lessons/README.md's table of full runs, from the executed notebooks' metadata."""
+    import nbformat
+
+    rows = ["| lesson | full run | on | load average at its start | date |", "| --- | ---: | --- | ---: | --- |"]
+    for source in sources():
+        run = nbformat.read(source.with_suffix(".ipynb"), as_version=4).metadata.get("minipeft", {})
+        if run:
+            threads = f", {run['omp_num_threads']} thread" if run.get("omp_num_threads") == "1" else ""
+            rows.append(f"| {source.stem} | {run['seconds'] / 60:.1f} min | {run['machine']}{threads} | "
+                        f"{run['load_average_at_start']:.1f} | {run['date']} |")  # fmt: skip
+        else:
+            rows.append(f"| {source.stem} | not executed | | | |")
+    return "\n".join(rows)
+
+
 def main(argv=None):
     import nbformat
 
@@ -117,7 +134,11 @@ def main(argv=None):
     ap.add_argument("--execute", action="store_true", help="run each notebook and keep its outputs")
     ap.add_argument("--check", action="store_true", help="only compare the committed notebooks with their sources")
     ap.add_argument("--text", action="store_true", help="update an executed notebook's text cells only")
+    ap.add_argument("--times", action="store_true", help="print lessons/README.md's table of full-run times")
     args = ap.parse_args(argv)
+    if args.times:
+        print(times_table())
+        return 0
     stale = []
     for source in sources(args.numbers):
         target = source.with_suffix(".ipynb")

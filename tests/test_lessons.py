@@ -2,8 +2,8 @@
 
 Each notebook is executed with nbclient with MINIPEFT_FAST=1 (fewer training steps; every cell still runs and
 every assert in it must hold). The other checks are about the files themselves: numbered 00, 01, ... without
-gaps, each listed in lessons/README.md, committed without outputs, and shaped as the lessons promise (a title,
-a Summary, exercises whose check cells run when unanswered).
+gaps, each listed in lessons/README.md, committed executed in full mode (its outputs visible without running it),
+and shaped as the lessons promise (a title, a Summary, exercises whose check cells run when unanswered).
 """
 
 import json
@@ -58,10 +58,19 @@ def test_every_notebook_is_a_fresh_build_of_its_source(monkeypatch):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_committed_without_outputs(path):
+def test_committed_executed_in_full_mode(path):
+    """The committed notebook is an executed one (scripts/build_lessons.py --execute): every code cell ran, in order,
+    in one full-mode run without an error, and the title says how long that run took, where and when."""
     nb = read(path)
-    dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count)]
-    assert not dirty, f"{path.name}: clear the outputs of cells {dirty} before committing"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), (
+        f"{path.name}: not executed top to bottom; run python scripts/build_lessons.py --execute {path.name[:2]}"
+    )
+    errors = [c.id for c in code for o in c.outputs if o.output_type == "error"]
+    assert not errors, f"{path.name}: cells {errors} ended in an error"
+    run = nb.metadata.get("minipeft", {})
+    assert run.get("mode") == "full" and run.get("seconds", 0) > 0, f"{path.name}: metadata {run}"
+    assert f"*Executed in full mode on {run['machine']} in {run['seconds'] / 60:.1f} min" in nb.cells[0].source
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
@@ -140,3 +149,13 @@ def test_solutions_pass_their_checks_and_stubs_do_not(path, monkeypatch):
             check(stub)
         with pytest.raises(AssertionError):
             check(solutions.MISTAKES[name])
+
+
+def test_readme_states_each_lessons_measured_full_run(monkeypatch):
+    """lessons/README.md's table of run times is the executed notebooks' own (scripts/build_lessons.py --times)."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    import build_lessons
+
+    table = build_lessons.times_table()
+    assert "not executed" not in table
+    assert table in (LESSONS / "README.md").read_text(encoding="utf-8"), "run python scripts/build_lessons.py --times"
