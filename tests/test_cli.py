@@ -166,8 +166,8 @@ def test_bad_input_is_a_clear_error(tmp_path, args, msg):
 
 def test_unknown_method_is_rejected_by_argparse(capsys):
     with pytest.raises(SystemExit):
-        main(["finetune", "--method", "ia3"])
-    assert "invalid choice: 'ia3'" in capsys.readouterr().err
+        main(["finetune", "--method", "loha"])
+    assert "invalid choice: 'loha'" in capsys.readouterr().err
 
 
 def test_full_finetuning_with_the_optimizer_in_backward_learns(tmp_path):
