@@ -26,7 +26,7 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from harness import ALPHA, BOTTLENECK, COMMON, DTYPE, SHAPES, P, R, Trainee
+from harness import ALPHA, BOTTLENECK, COMMON, DTYPE, IA3_TARGETS, SHAPES, P, R, Trainee
 
 import minipeft as mp
 from minipeft import fast  # the speed seam: every lever of the library
@@ -101,6 +101,7 @@ def minipeft_model(env, method):
         "prefix": mp.PrefixTuningConfig(num_virtual_tokens=P),
         "prompt": mp.PromptTuningConfig(num_virtual_tokens=P),
         "adapter": mp.AdapterConfig(bottleneck_size=BOTTLENECK, placement="houlsby"),
+        "ia3": mp.IA3Config(target_modules=IA3_TARGETS, feedforward_modules=["down_proj"]),
     }[method]
     return mp.get_peft_model(mp.quantize_model(base) if method == "qlora" else base, config)
 
@@ -159,6 +160,7 @@ def hf_model(env, method, base):
         "qlora": peft.LoraConfig(target_modules="all-linear", **lora),
         "prefix": peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P),
         "prompt": peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P),
+        "ia3": peft.IA3Config(task_type="CAUSAL_LM", target_modules=IA3_TARGETS, feedforward_modules=["down_proj"]),
     }[method]
     model = peft.get_peft_model(base, config)
     if method in ("prefix", "prompt"):  # minipeft's table (the same layout as PEFT's): the same step-1 loss

@@ -41,8 +41,9 @@ SHAPES = {  # name -> model config (random weights, seed 0, tied embeddings), ba
         batch=2, seq=32),
 }  # fmt: skip
 COMMON = dict(tie_word_embeddings=True, max_position_embeddings=2048, rms_norm_eps=1e-5)
-METHODS = ["full", "lora_qv", "lora_all", "qlora", "prefix", "prompt", "adapter"]
+METHODS = ["full", "lora_qv", "lora_all", "qlora", "prefix", "prompt", "adapter", "ia3"]
 R, ALPHA, P, BOTTLENECK = 16, 32, 20, 64  # LoRA rank and alpha, virtual tokens, adapter bottleneck
+IA3_TARGETS = ["k_proj", "v_proj", "down_proj"]  # PEFT's IA3 targets for Llama (down_proj: its input scaled)
 DTYPE = torch.bfloat16
 LOSS_TOL = 2e-4  # relative: bf16 steps of one model agree to ~1e-4 of the loss (1B prefix: 0.00101 at 12.15)
 REFERENCE = ("hf", "hf_bnb")  # the "x HF" ratios divide by the first present: HF as shipped, bitsandbytes for QLoRA
