@@ -9,9 +9,11 @@ Exit status 1 when a row failed (a contender raised, or the contenders disagree:
 """
 
 import argparse
+import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -52,6 +54,37 @@ def versions():
     return out
 
 
+def apart(args, shape, names, tmp, log):
+    """Measure `names` (one group of contenders.APART) for every method of `shape` in a Python process of their
+    own; returns {method: {contender: result}} (a failed process: its error, for each)."""
+    out = os.path.join(tmp, f"apart-{shape}-{names[0]}.json")
+    cmd = [sys.executable, os.path.abspath(__file__), "--apart", ",".join(names), "--shapes", shape, "--methods",
+           ",".join(args.methods), "--device", args.device, "--tmp", tmp, "--out", out]  # fmt: skip
+    cmd += [f"--{k}={getattr(args, k)}" for k in ("steps", "warmup") if getattr(args, k) is not None]
+    cmd += ["--quick"] * args.quick + ["--profile"] * args.profile
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    log(f"{shape} apart {names}: exit {proc.returncode}\n" + (proc.stdout + proc.stderr)[-3000:])
+    if proc.returncode or not os.path.isfile(out):
+        error = dict(error=f"the process of {names} exited {proc.returncode}: {(proc.stderr or proc.stdout)[-1500:]}")
+        return {m: {n: error for n in names} for m in args.methods}
+    with open(out) as f:
+        return {row["method"]: row["results"] for row in json.load(f)}
+
+
+def run_apart(args, device, shapes, warmup, steps):
+    """--apart: this process measures the named contenders alone and writes their rows to --out (a .json file)."""
+    if any(n.startswith("unsloth") for n in args.apart):  # Unsloth patches transformers: imported before it
+        contenders.unsloth_import()
+    chosen = {n: contenders.CONTENDERS[n] for n in args.apart}
+    rows = []
+    for shape in shapes:
+        env = contenders.Env(shape, device, args.tmp)
+        rows += [harness.run_row(env, m, chosen, warmup, steps, args.profile) for m in args.methods]
+    with open(args.out, "w") as f:
+        json.dump(rows, f)
+    return 0
+
+
 def markdown(res):
     parts = [harness.markdown(res)]
     parts += [dequant_kernels.markdown(res["dequant"])] if "dequant" in res else []
@@ -73,6 +106,8 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true", help="one more step per contender under torch.profiler (GPU)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--name", default=None, help="file stem in --out (default <gpu>-<date>)")
+    ap.add_argument("--apart", type=names(contenders.CONTENDERS), help=argparse.SUPPRESS)  # internal: see apart()
+    ap.add_argument("--tmp", help=argparse.SUPPRESS)  # internal: the shared folder of the base checkpoints
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -81,11 +116,13 @@ def main(argv=None):
         torch.set_num_threads(1)  # a smoke run on a small, often busy CPU: threads only fight each other there
     defaults = QUICK if args.quick else FULL
     steps, warmup, shapes, switches = (defaults[k] if getattr(args, k) is None else getattr(args, k) for k in defaults)
+    if args.apart:
+        return run_apart(args, device, shapes, warmup, steps)
     chosen = args.contenders + switches
     vers = versions()
     if not all(vers[k][0].isdigit() for k in ("transformers", "peft")):
         print("transformers/peft not importable: minipeft contenders only", flush=True)
-        chosen = [n for n in chosen if not n.startswith("hf")]
+        chosen = [n for n in chosen if n.startswith("minipeft")]
     chosen = {n: contenders.CONTENDERS[n] for n in dict.fromkeys(chosen)}
     name = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device)
     date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -107,11 +144,17 @@ def main(argv=None):
 
     if "dequant" in args.extras:
         extra("dequant", lambda: dequant_kernels.main(["--device", args.device] + ["--quick"] * args.quick))
+    groups = [[n for n in group if n in chosen] for group in contenders.APART.values()]
+    groups = [g for g in groups if g]
+    here = {n: build for n, build in chosen.items() if not any(n in g for g in groups)}
     with tempfile.TemporaryDirectory() as tmp:
-        for shape in shapes:
+        weights = [harness.SHAPES[s].get("weights", s) for s in shapes]  # shapes sharing a base share its folder
+        for i, shape in enumerate(shapes):
             env = contenders.Env(shape, device, tmp)
+            elsewhere = [apart(args, shape, g, tmp, log) for g in groups]  # first: the main process holds nothing yet
             for method in args.methods:
-                row = harness.run_row(env, method, chosen, warmup, steps, args.profile)
+                done = {n: r for e in elsewhere for n, r in e.get(method, {}).items()}
+                row = harness.run_row(env, method, here, warmup, steps, args.profile, done)
                 res["rows"].append(row)
                 for n, r in row["results"].items():
                     log(f"{shape} {method} {n}: " + (r["error"] if "error" in r else
@@ -119,7 +162,8 @@ def main(argv=None):
                 if row["failed"]:
                     log(f"ROW FAILED: {shape} {method}: {row['failed']}")
                 harness.write(res, stem, markdown)
-            shutil.rmtree(env.hf_dir, ignore_errors=True)  # 2.5 GB at 1B: gone before the next shape
+            if weights[i] not in weights[i + 1 :]:
+                shutil.rmtree(env.hf_dir, ignore_errors=True)  # 2.5 GB at 1B: gone before the next shape
     if "generation" in args.extras:
         env = contenders.Env("tiny" if args.quick else "smollm2-135m", device, "")
         extra("generation", lambda: generation.measure(env, args.quick, hf=any(n.startswith("hf") for n in chosen)))

@@ -9,7 +9,11 @@ method it does not cover).
     hf                transformers + peft as shipped (eager); not QLoRA
     hf_bnb            transformers + peft + bitsandbytes: QLoRA only
     hf_compile        hf (hf_bnb for QLoRA) with torch.compile of each decoder layer, as compile_blocks does ours
-Adding one is a builder function and its line in CONTENDERS (HF + Liger and Unsloth come next: see the end).
+    hf_graphs         the same with mode="reduce-overhead": CUDA graphs
+    hf_liger          hf (hf_bnb) + Liger kernels, fused linear cross-entropy included (liger-kernel)   apart
+    unsloth           Unsloth's FastLanguageModel, no gradient checkpointing: full, LoRA, QLoRA        apart
+    unsloth_gc        the same with its default offloaded gradient checkpointing ("unsloth")           apart
+Adding one is a builder function and its line in CONTENDERS; "apart" ones run in a process of their own (APART).
 
 Every contender trains the same random bf16 weights (minipeft's state_dict loaded into LlamaForCausalLM with SDPA
 attention: the keys are identical; QLoRA: both quantize the same bf16 weights, HF by BitsAndBytesConfig(nf4,
@@ -26,7 +30,7 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from harness import ALPHA, BOTTLENECK, COMMON, DTYPE, IA3_TARGETS, SHAPES, P, R, Trainee
+from harness import ALPHA, BOTTLENECK, DTYPE, IA3_TARGETS, SHAPES, P, R, Trainee, model_config
 
 import minipeft as mp
 from minipeft import fast  # the speed seam: every lever of the library
@@ -36,8 +40,9 @@ class Env:
     """What the builders of one shape share: its config, the device, the batch, a temporary folder."""
 
     def __init__(self, shape, device, tmp):
-        self.shape, self.device, self.hf_dir = shape, device, os.path.join(tmp, f"base-{shape}")
-        self.cfg = mp.ModelConfig(**SHAPES[shape]["cfg"], **COMMON)
+        self.shape, self.device = shape, device
+        self.hf_dir = os.path.join(tmp, f"base-{SHAPES[shape].get('weights', shape)}")  # shapes of one model share it
+        self.cfg = mp.ModelConfig(**model_config(shape))
         B, T, g = SHAPES[shape]["batch"], SHAPES[shape]["seq"], torch.Generator().manual_seed(1)
         self.ids = torch.randint(0, self.cfg.vocab_size, (B, T), generator=g).to(device)
 
@@ -49,21 +54,33 @@ class Env:
     def hf_base(self):  # LlamaForCausalLM with minipeft's weights
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        config = LlamaConfig(**SHAPES[self.shape]["cfg"], **COMMON, use_cache=False)
+        config = LlamaConfig(**model_config(self.shape), use_cache=False)
         with torch.device(self.device):
             hf = LlamaForCausalLM._from_config(config, dtype=DTYPE, attn_implementation="sdpa")
         hf.load_state_dict(self.mp_base().state_dict())
         return hf
 
+    def hf_folder(self):
+        """The base as an HF folder, once per shape (shared with the processes of APART contenders), with a small
+        word-level tokenizer beside it (Unsloth loads one; the ids of the batch do not come from it)."""
+        if not os.path.isfile(os.path.join(self.hf_dir, "tokenizer_config.json")):
+            from tokenizers import Tokenizer, models
+            from transformers import PreTrainedTokenizerFast
+
+            mp.save_pretrained(self.mp_base(), self.hf_dir)
+            words = ["<unk>", "<s>", "</s>", "<pad>", *(f"w{i}" for i in range(64))]
+            tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+            PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                    pad_token="<pad>").save_pretrained(self.hf_dir)  # fmt: skip
+        return self.hf_dir
+
     def hf_base_4bit(self):  # the same weights through from_pretrained with bitsandbytes NF4
         from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
-        if not os.path.isdir(self.hf_dir):  # the base as an HF folder, once per shape
-            mp.save_pretrained(self.mp_base(), self.hf_dir)
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                  bnb_4bit_compute_dtype=DTYPE)  # fmt: skip
         device = (self.device.index or 0) if self.device.type == "cuda" else "cpu"
-        return LlamaForCausalLM.from_pretrained(self.hf_dir, quantization_config=bnb, dtype=DTYPE, use_cache=False,
+        return LlamaForCausalLM.from_pretrained(self.hf_folder(), quantization_config=bnb, dtype=DTYPE, use_cache=False,
                                                 device_map={"": device}, attn_implementation="sdpa")  # fmt: skip
 
 
@@ -170,22 +187,70 @@ def hf_model(env, method, base):
     return model
 
 
+def hf_trainee(env, method, compile=None):
+    """transformers + peft on env's weights (QLoRA: through bitsandbytes); `compile`: torch.compile options for each
+    decoder layer ({} for the defaults, {"mode": "reduce-overhead"} for CUDA graphs), None for eager."""
+    model = hf_model(env, method, env.hf_base_4bit() if method == "qlora" else env.hf_base())
+    if compile is not None:
+        layers = next(m for n, m in model.named_modules() if n.endswith("layers") and isinstance(m, nn.ModuleList))
+        for layer in layers:
+            layer.compile(**compile)
+    return trainee(env, model, graphs=(compile or {}).get("mode") == "reduce-overhead")
+
+
 def hf(env, method):
     if method != "qlora":  # (HF's QLoRA is hf_bnb)
-        return trainee(env, hf_model(env, method, env.hf_base()))
+        return hf_trainee(env, method)
 
 
 def hf_bnb(env, method):
     if method == "qlora":
-        return trainee(env, hf_model(env, method, env.hf_base_4bit()))
+        return hf_trainee(env, method)
 
 
-def hf_compile(env, method):
-    t = (hf_bnb if method == "qlora" else hf)(env, method)
-    layers = next(m for n, m in t.model.named_modules() if n.endswith("layers") and isinstance(m, nn.ModuleList))
-    for layer in layers:
-        layer.compile()
-    return t
+def hf_liger(env, method):
+    """HF + Liger kernels: RMSNorm, RoPE and SwiGLU as Triton kernels, and the fused linear cross-entropy (the
+    logits never exist). apply_liger_kernel_to_llama patches transformers' Llama classes for the whole process:
+    this contender runs in a process of its own (APART)."""
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=True)  # fmt: skip
+    return hf_trainee(env, method)
+
+
+UNSLOTH_TARGETS = {"lora_qv": ["q_proj", "v_proj"],
+                   "lora_all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+UNSLOTH_TARGETS["qlora"] = UNSLOTH_TARGETS["lora_all"]  # fmt: skip
+
+
+def unsloth_import():
+    """import unsloth, offline and without its usage statistics (it must come before transformers)."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "UNSLOTH_DISABLE_STATISTICS"):
+        os.environ.setdefault(var, "1")
+    import unsloth
+
+    return unsloth
+
+
+def unsloth(env, method, checkpointing=False):
+    """Unsloth as its README shows it: FastLanguageModel.from_pretrained on a local checkpoint (with a tokenizer
+    beside it; load_in_4bit for QLoRA: bitsandbytes NF4 with double quantization; full_finetuning=True for full),
+    then FastLanguageModel.get_peft_model. checkpointing: its own offloaded gradient checkpointing ("unsloth", its
+    default), else none. Unsloth patches transformers when imported: a process of its own (APART), imported first."""
+    if method not in ("full", *UNSLOTH_TARGETS):
+        return None
+    FastLanguageModel = unsloth_import().FastLanguageModel
+
+    gc = "unsloth" if checkpointing else False
+    model, _ = FastLanguageModel.from_pretrained(
+        env.hf_folder(), max_seq_length=SHAPES[env.shape]["seq"], dtype=DTYPE, load_in_4bit=method == "qlora",
+        full_finetuning=method == "full", use_gradient_checkpointing=gc, local_files_only=True,
+    )  # fmt: skip
+    if method != "full":
+        model = FastLanguageModel.get_peft_model(model, r=R, lora_alpha=ALPHA, lora_dropout=0.0, bias="none",
+                                                 target_modules=UNSLOTH_TARGETS[method], use_gradient_checkpointing=gc)  # fmt: skip
+    return trainee(env, model)
 
 
 MINIPEFT = {  # contender -> its levers
@@ -196,6 +261,9 @@ MINIPEFT = {  # contender -> its levers
     "minipeft_gc": dict(compile={}, checkpoint=True),
 }
 CONTENDERS = {name: functools.partial(minipeft, **levers) for name, levers in MINIPEFT.items()}
-CONTENDERS.update(hf=hf, hf_bnb=hf_bnb, hf_compile=hf_compile)
-# Next (HF + Liger kernels, Unsloth): a builder above each, `return trainee(env, model)` for a model computing the
-# row's function on env's weights (the parity check holds it to that), and its line here.
+CONTENDERS.update(hf=hf, hf_bnb=hf_bnb, hf_compile=functools.partial(hf_trainee, compile={}),
+                  hf_graphs=functools.partial(hf_trainee, compile={"mode": "reduce-overhead"}), hf_liger=hf_liger,
+                  unsloth=unsloth, unsloth_gc=functools.partial(unsloth, checkpointing=True))  # fmt: skip
+# Contenders that patch a library for the whole process run in a process of their own, one per group and shape
+# (bench_finetune.py --apart): the others in the main process never see the patches.
+APART = {"liger": ["hf_liger"], "unsloth": ["unsloth", "unsloth_gc"]}

@@ -18,6 +18,7 @@ the markdown prints FAILED where the ratios were, and bench_finetune.py exits 1.
 import gc
 import json
 import math
+import os
 import statistics
 import time
 import traceback
@@ -35,12 +36,23 @@ SHAPES = {  # name -> model config (random weights, seed 0, tied embeddings), ba
         cfg=dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                  num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0),
         batch=4, seq=1024),
+    "llama-7b": dict(  # the Llama-2-7B shape (untied embeddings): memory rows (QLoRA against Unsloth)
+        cfg=dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=32, rope_theta=10000.0, tie_word_embeddings=False,
+                 max_position_embeddings=4096),
+        batch=1, seq=512),
     "tiny": dict(  # --quick
         cfg=dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0),
         batch=2, seq=32),
 }  # fmt: skip
-COMMON = dict(tie_word_embeddings=True, max_position_embeddings=2048, rms_norm_eps=1e-5)
+SHAPES["llama-7b-4k"] = dict(SHAPES["llama-7b"], seq=4096, weights="llama-7b")  # the same base, longer rows
+COMMON = dict(tie_word_embeddings=True, max_position_embeddings=2048, rms_norm_eps=1e-5)  # a shape's cfg overrides
+
+
+def model_config(shape):
+    """The keyword arguments of a shape's model config (minipeft's ModelConfig and transformers' LlamaConfig)."""
+    return {**COMMON, **SHAPES[shape]["cfg"]}
 METHODS = ["full", "lora_qv", "lora_all", "qlora", "prefix", "prompt", "adapter", "ia3"]
 R, ALPHA, P, BOTTLENECK = 16, 32, 20, 64  # LoRA rank and alpha, virtual tokens, adapter bottleneck
 IA3_TARGETS = ["k_proj", "v_proj", "down_proj"]  # PEFT's IA3 targets for Llama (down_proj: its input scaled)
@@ -140,7 +152,7 @@ def profile_step(step, device):
 
 def measure(trainee, device, warmup, steps, profile=False):
     params = trainee.params
-    out = dict(trainable_params=sum(p.numel() for p in params),
+    out = dict(pid=os.getpid(), trainable_params=sum(p.numel() for p in params),
                trainable_dtypes=sorted({str(p.dtype).removeprefix("torch.") for p in params}))  # fmt: skip
     free(device)
     if device.type == "cuda":
@@ -179,11 +191,12 @@ def parity(results):
     return why
 
 
-def run_row(env, method, contenders, warmup, steps, profile=False):
-    """One (shape, method): each contender built, measured and freed in turn, then the parity check."""
+def run_row(env, method, contenders, warmup, steps, profile=False, measured_apart=None):
+    """One (shape, method): each contender built, measured and freed in turn, then the parity check over them and
+    `measured_apart` (contender -> the result measure() gave in another process: see bench_finetune.py --apart)."""
     B, T = SHAPES[env.shape]["batch"], SHAPES[env.shape]["seq"]
     row = dict(shape=env.shape, method=method, batch=B, seq=T, flops_per_step=step_flops(env.cfg, B, T, method))
-    row["results"] = results = {}
+    row["results"] = results = dict(measured_apart or {})
     for name, build in contenders.items():
         torch.compiler.reset()  # fresh caches: past 8 variants of the one Block.forward dynamo silently runs eager
         free(env.device)
@@ -195,7 +208,7 @@ def run_row(env, method, contenders, warmup, steps, profile=False):
             results[name] = dict(error=f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}")
         trainee = None  # freed before the next one is built
     for r in results.values():
-        if "step_ms" in r:
+        if "step_ms" in r and "tokens_per_s" not in r:
             r.update(tokens_per_s=B * T / r["step_ms"] * 1e3, tflops=row["flops_per_step"] / r["step_ms"] / 1e9)
     row["failed"] = parity(results)
     return row
@@ -207,24 +220,30 @@ def markdown(res):
     lines = [f"# Fine-tuning benchmark: {m['device_name']}, {m['date']}", "", f"Command: `{m['command']}`  ",
              ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + "  ",
              f"bf16 matmul peak {peak:.0f} TFLOP/s; {m['warmup']} warm-up + {m['steps']} timed steps per contender, "
-             "medians; x HF: against `hf` (`hf_bnb` for QLoRA) in this run.", ""]  # fmt: skip
+             "medians; x HF: against `hf` (`hf_bnb` for QLoRA) in this run; x best: against the fastest anchor of "
+             "the row (every contender not minipeft's), mem x best: against the anchor with the lowest peak.", ""]  # fmt: skip
     fmt = lambda x, spec=".2f": "-" if x is None else format(x, spec)  # noqa: E731
     for shape in res["shapes"]:
         lines += [f"## {shape} (batch {SHAPES[shape]['batch']} x {SHAPES[shape]['seq']} tokens)", "",
-                  "| method | contender | tok/s | x HF | peak GiB | mem x HF | MFU | trainable | loss step 1 | first step s |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+                  "| method | contender | tok/s | x HF | x best | peak GiB | mem x HF | mem x best | MFU | trainable | "
+                  "loss step 1 | first step s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
         for row in (r for r in res["rows"] if r["shape"] == shape):
             meth, results = row["method"], row["results"]
-            ref = next((results[n] for n in REFERENCE if "step_ms" in results.get(n, {})), None)
+            ok = {n: r for n, r in results.items() if "step_ms" in r}
+            ref = next((ok[n] for n in REFERENCE if n in ok), None)
+            anchors = [r for n, r in ok.items() if not n.startswith("minipeft")]
+            best = {"tokens_per_s": max((a["tokens_per_s"] for a in anchors), default=None),
+                    "peak_mem_gib": min((a["peak_mem_gib"] for a in anchors if a.get("peak_mem_gib")), default=None)}
+            ratio = lambda r, k, by: "FAILED" if row["failed"] else fmt(by and r.get(k) and r[k] / by)  # noqa: E731
             for name, r in results.items():
                 if "error" in r:
                     lines.append(f"| {meth} | {name} | error: `{r['error'].splitlines()[0][:120]}` |")
                     continue
-                x = {k: "FAILED" if row["failed"] else fmt(ref and r.get(k) and ref.get(k) and r[k] / ref[k])
-                     for k in ("tokens_per_s", "peak_mem_gib")}  # fmt: skip
-                lines.append(f"| {meth} | {name} | {r['tokens_per_s']:,.0f} | {x['tokens_per_s']} | "
-                             f"{fmt(r.get('peak_mem_gib'))} | {x['peak_mem_gib']} | {100 * r['tflops'] / peak:.1f}% | "
-                             f"{r['trainable_params']:,d} | {r['loss_first']:.3f} | {r['first_step_s']:.1f} |")  # fmt: skip
+                x = {k: (ratio(r, k, ref and ref.get(k)), ratio(r, k, best[k])) for k in best}
+                lines.append(f"| {meth} | {name} | {r['tokens_per_s']:,.0f} | {x['tokens_per_s'][0]} | "
+                             f"{x['tokens_per_s'][1]} | {fmt(r.get('peak_mem_gib'))} | {x['peak_mem_gib'][0]} | "
+                             f"{x['peak_mem_gib'][1]} | {100 * r['tflops'] / peak:.1f}% | {r['trainable_params']:,d} | "
+                             f"{r['loss_first']:.3f} | {r['first_step_s']:.1f} |")  # fmt: skip
             if row["failed"]:
                 lines.append(f"| {meth} | **FAILED** | {'; '.join(row['failed'])[:400]} |")
         lines.append("")

@@ -1,0 +1,42 @@
+#!/bin/bash
+# The GPU runs of benchmarks/README.md on one host with two H200s: each process alone on its GPU.
+#   bash benchmarks/run_h200x2.sh anchors NAME   the 135M and 1B rows against every anchor, one shape per GPU, at once
+#   bash benchmarks/run_h200x2.sh scaling        bench_distributed.py: 1B on 1 and 2 GPUs, minipeft and HF + accelerate
+#   bash benchmarks/run_h200x2.sh 7b NAME        the 7B rows: QLoRA memory against Unsloth; FSDP2 per-GPU memory
+# Results and logs go to $OUT (the lent machine's output folder) or /tmp/out.
+set -u
+out=${OUT:-/tmp/out}; mkdir -p "$out"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
+B="python benchmarks/bench_finetune.py --device cuda --extras none --steps 12 --warmup 3"
+D="benchmarks/bench_distributed.py --steps 15 --warmup 5"
+T="torchrun --nproc_per_node 2"
+ANCHORS=minipeft,hf,hf_bnb,hf_compile,hf_graphs,hf_liger,unsloth,unsloth_gc
+case $1 in
+anchors)
+  for s in smollm2-135m:0 llama-1b:1; do
+    CUDA_VISIBLE_DEVICES=${s#*:} $B --shapes ${s%:*} --methods full,lora_qv,lora_all,qlora --contenders $ANCHORS \
+      --switches compile,compile_cg --out "$out" --name "$2-${s%:*}" > "$out/$2-${s%:*}.log" 2>&1 &
+  done
+  wait ;;
+scaling)
+  j="$out/scaling.jsonl"
+  CUDA_VISIBLE_DEVICES=0 python $D --method lora_all --compile default --out "$j" &
+  CUDA_VISIBLE_DEVICES=1 python $D --method full --compile default --out "$j" &
+  wait
+  $T $D --method lora_all --compile default --out "$j"
+  $T $D --method full --compile default --out "$j"
+  $T $D --method full --fsdp --compile default --out "$j"
+  CUDA_VISIBLE_DEVICES=0 python $D --impl hf --method lora_all --out "$j" &
+  CUDA_VISIBLE_DEVICES=1 python $D --impl hf --method full --out "$j" &
+  wait
+  $T $D --impl hf --method lora_all --out "$j"
+  $T $D --impl hf --method full --fsdp --out "$j" ;;
+7b)
+  j="$out/7b.jsonl"
+  CUDA_VISIBLE_DEVICES=0 $B --shapes llama-7b,llama-7b-4k --methods qlora --contenders minipeft,hf_bnb,unsloth,unsloth_gc \
+    --switches compile,compile_gc --steps 4 --warmup 2 --out "$out" --name "$2" > "$out/$2.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 python $D --shape llama-7b --method full --compile default --out "$j"
+  wait
+  $T $D --shape llama-7b --method full --fsdp --compile default --out "$j"
+  $T $D --shape llama-7b --method full --fsdp --impl hf --out "$j" ;;
+esac
