@@ -153,9 +153,9 @@ def build_parser():
     g.add_argument("--nproc", type=positive_int, default=None, metavar="N",
                    help="train on N processes (one per GPU; gloo on CPU), launched through torchrun's API: "
                    "DDP for adapters, FSDP2 with --fsdp; --batch-size is per process")  # fmt: skip
-    g.add_argument(
-        "--fsdp", action="store_true", help="shard every weight, gradient and AdamW state (FSDP2): --method full"
-    )
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard the weights (FSDP2; --method full, lora or qlora): every weight, gradient and AdamW "
+                   "state; with lora/qlora the frozen base too (qlora: its 4-bit codes and their absmax)")  # fmt: skip
     g.add_argument("--global-batch", type=positive_int, default=None, metavar="G",
                    help="rows per optimizer step over all processes: --batch-size becomes G / (N x --grad-accum)")  # fmt: skip
     f.epilog = "defaults per method (measured: benchmarks/sweep_defaults.py):\n" + "\n".join(
@@ -461,9 +461,10 @@ def finetune_processes(args):
         raise SystemExit(f"error: --nproc {nproc} but torchrun started {launched_n} processes: give one of them")
     n = launched_n or nproc or 1
     if fsdp and args.method not in distributed.FSDP_METHODS:
+        *most, last = distributed.FSDP_METHODS
         raise SystemExit(
-            f"error: --fsdp shards --method {', '.join(distributed.FSDP_METHODS)}, not --method {args.method}: "
-            "train adapters data-parallel (--nproc N without --fsdp)"
+            f"error: --fsdp shards --method {', '.join(most)} or {last}, not --method {args.method}: "
+            f"train {args.method} data-parallel (--nproc N without --fsdp)"
         )
     if fsdp and launched_n is None and n == 1:
         raise SystemExit("error: --fsdp shards over several processes: add --nproc N (or launch with torchrun)")

@@ -2,7 +2,8 @@
 
     torchrun --nproc_per_node 2 -m minipeft.cli finetune --method lora          # DDP: adapters, replicated
     torchrun --nproc_per_node 2 -m minipeft.cli finetune --method full --fsdp   # FSDP2: every weight sharded
-    minipeft finetune --nproc 2 ...                                            # the same, through torchrun's API
+    minipeft finetune --nproc 2 --method qlora --fsdp                          # FSDP2: the 4-bit base sharded
+    minipeft finetune --nproc 2 ...                                            # any of them, through torchrun's API
 
 torchrun starts N processes and tells each its RANK, WORLD_SIZE and LOCAL_RANK; `setup()` joins them into one
 process group (gloo on CPU, nccl on CUDA, one GPU per process: cuda:LOCAL_RANK). train() then asks a `Parallel`
@@ -27,27 +28,49 @@ each Block is one unit (its weights are all-gathered just before its forward and
 root holds the embeddings, the final norm and the head (tied or not). Gradients are reduce-scattered, the optimizer
 steps only the local shard: weights, gradients and AdamW's two moments all take ~1/N per rank. On CUDA the units
 compute in bf16 with float32 reduction (MixedPrecisionPolicy); on CPU in the model's dtype (float64 is exact).
-Full fine-tuning only, for now: an adapter's save reads its (sharded) parameters directly.
+- Full fine-tuning (--method full): every weight trains.
+- LoRA (--method lora, DoRA too): the frozen base is sharded as above, and each adapter's A and B are parameters of
+  their Block's unit like any other, trainable: sharded, gathered for forward and backward, their gradients
+  reduce-scattered. Only the adapter's shards get gradients and AdamW states.
+- QLoRA (--method qlora): the idea of Answer.AI's FSDP + QLoRA, a base that does not fit one device in 4 bits fits
+  N. The NF4 codes and their quantization state (absmax, double quantization's offset, nested absmax and code)
+  are sharded too: FSDP2 shards parameters only, so they become frozen uint8 parameters (_shard_nf4 below).
+Other adapters (bottleneck, IA3, prefix, prompt) are refused (check_shardable): nothing tests them sharded.
 
 Files. Only rank 0 writes (metrics.json, checkpoints, adapters), each atomically (files.py); with FSDP every rank
 first takes part in gathering the full tensors (DTensor.full_tensor()), then rank 0 writes them as one process
-would. A checkpoint records the world size; --resume with another one stops at once with a clear error (the
-data each rank reads, and FSDP's shards, depend on it). Held-out loss: every rank evaluates its rows of each
-global batch, the sums of losses and token counts are all-reduced, so the number equals one process's.
+would, from a plain copy of the model (gathered_model: the structure kept from before sharding, on the meta device,
+filled with the gathered tensors; for LoRA/QLoRA the frozen base is gathered too, at each checkpoint: simple, one
+all-gather of the base; gathering only the adapter is not done). A checkpoint holds the full trainable tensors and
+AdamW states; --resume shards them again like their parameters. It records the world size; --resume with another
+one stops at once with a clear error (the data each rank reads, and FSDP's shards, depend on it). Held-out loss:
+every rank evaluates its rows of each global batch, the sums of losses and token counts are all-reduced, so the
+number equals one process's.
+
+Not done: each rank loads the whole model (to its device) before it is sharded, so today a base must fit one
+device to start (low-memory loading, rank 0 reading and the others on the meta device, is what a base larger than
+one GPU needs next); nccl and the bf16 policy have never run in the tests (CPU, gloo only).
 
 Failures: a rank that raises exits non-zero; torchrun then stops the others and exits non-zero with that rank's
 error (`minipeft finetune --nproc` prints it); nothing waits forever.
 """
 
 import contextlib
+import copy
+import dataclasses
 import datetime
+import functools
 import os
 import warnings
+import weakref
 
 import torch
 import torch.distributed as dist
 
-FSDP_METHODS = ("full",)  # what --fsdp can shard (see the module docstring)
+from .nf4 import _TENSOR_FIELDS, NF4Linear, dequantize_nf4
+
+FSDP_METHODS = ("full", "lora", "qlora")  # what --fsdp can shard (see the module docstring)
+FSDP_PEFT_TYPES = ("LORA",)  # the adapters it trains inside the shards (their configs' peft_type)
 WORLD_FILE = "distributed.json"  # in each checkpoint: the world size (and --fsdp) that wrote it
 
 
@@ -114,9 +137,21 @@ def _local(t):
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def check_shardable(model):
+    """Raise ValueError for a model FSDP2 is not tested to train: a PeftModel with adapters other than LoRA's
+    (LoRA, rsLoRA and DoRA, on a dense or a 4-bit base, are tested against one process)."""
+    kinds = sorted({c.peft_type for c in getattr(model, "peft_config", {}).values()} - set(FSDP_PEFT_TYPES))
+    if kinds:
+        raise ValueError(
+            f"fsdp=True shards full fine-tuning and LoRA/QLoRA models, not {', '.join(kinds)} adapters: train them "
+            "data-parallel (fsdp=False)"
+        )
+
+
 def shard(model, device, bf16=None):
-    """FSDP2 in place: each Block one unit, the root the rest. bf16 (default: on CUDA) computes in bf16 and
-    reduces in float32. Returns model (its class becomes FSDP<class>: still a Transformer)."""
+    """FSDP2 in place: each Block one unit, the root the rest; 4-bit layers' tensors sharded too (_shard_nf4).
+    bf16 (default: on CUDA) computes in bf16 and reduces in float32. Returns model (its class becomes
+    FSDP<class>: still a Transformer or PeftModel)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -128,6 +163,11 @@ def shard(model, device, bf16=None):
     # FSDP2 warns that a Block's output is a view (an in-place op on it would skip the all-gather): no code here
     # writes into a Block's output in place, and the tests check every gradient against one process.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    if dist.get_rank() == 0:
+        _PLAIN[model] = _skeleton(model)  # what gathered_model fills: the structure before sharding
+    for m in model.modules():
+        if isinstance(m, NF4Linear):
+            _shard_nf4(m)
     base = getattr(model, "base_model", model)
     for layer in base.model.layers:
         fully_shard(layer, **kw)
@@ -135,28 +175,92 @@ def shard(model, device, bf16=None):
     return model
 
 
+# ------------------------------------------------------------------------------------- 4-bit layers under FSDP2
+# FSDP2 shards and all-gathers nn.Parameters only, while NF4Linear keeps its 4-bit tensors (packed codes, absmax,
+# double quantization's offset, nested_absmax and nested_code) in a plain NF4Weight. So each becomes a frozen
+# parameter of the layer, `qweight_<field>`, flat and viewed as bytes (uint8): FSDP2 takes frozen and mixed-dtype
+# parameters in one unit (it all-gathers them as bytes), and never casts a uint8 one (the bf16 policy would round
+# a float32 absmax). Each rank keeps 1/N of every one; inside its Block's forward and backward FSDP2 has gathered
+# them whole, and the layer's forward (and dequantize, for DoRA) read them from there. qweight itself keeps only
+# the shapes and dtypes (on the meta device): the 4-bit bytes live in the parameters alone.
+
+
+def _shard_nf4(layer):
+    q = layer.qweight
+    for f in _nf4_fields(q):
+        t = getattr(q, f).reshape(-1).view(torch.uint8)  # (bytes,); a 0-dim offset becomes its 4 bytes
+        layer.register_parameter(f"qweight_{f}", torch.nn.Parameter(t, requires_grad=False))
+    layer.qweight = q.to("meta")
+    layer.forward = functools.partial(_nf4_forward, layer)
+    layer.dequantize = functools.partial(_nf4_dequantize, layer)
+
+
+def _nf4_fields(q):  # the tensors this NF4Weight holds (offset and nested_* only when double-quantized)
+    return [f for f in _TENSOR_FIELDS if getattr(q, f) is not None]
+
+
+def _nf4_whole(layer, tensors):  # qweight with its tensors from the bytes in `tensors` (field -> uint8)
+    q = layer.qweight
+    views = {f: tensors[f].view(getattr(q, f).dtype).reshape(getattr(q, f).shape) for f in _nf4_fields(q)}
+    return dataclasses.replace(q, **views)
+
+
+def _gathered_nf4(layer):  # inside the Block's forward or backward, where FSDP2 holds the parameters whole
+    return _nf4_whole(layer, {f: getattr(layer, f"qweight_{f}") for f in _nf4_fields(layer.qweight)})
+
+
+def _nf4_forward(layer, x):  # NF4Linear.forward on the gathered tensors
+    meta, layer.qweight = layer.qweight, _gathered_nf4(layer)
+    try:
+        return type(layer).forward(layer, x)
+    finally:
+        layer.qweight = meta
+
+
+def _nf4_dequantize(layer):
+    return dequantize_nf4(_gathered_nf4(layer))
+
+
+# ------------------------------------------------------------------------------------------- saving, resuming
+_PLAIN = weakref.WeakKeyDictionary()  # sharded model -> its structure before sharding, on the meta device (rank 0)
+
+
+def _skeleton(model):
+    """A copy of model's modules with every parameter and 4-bit tensor on the meta device (no memory, no data);
+    buffers (the rotary frequencies) copied to the CPU."""
+    memo = {id(b): b.detach().to("cpu", copy=True) for b in model.buffers()}
+    memo |= {id(p): torch.nn.Parameter(p.detach().to("meta"), p.requires_grad) for p in model.parameters()}
+    for m in model.modules():
+        if isinstance(m, NF4Linear):
+            memo |= {id(getattr(m.qweight, f)): getattr(m.qweight, f).to("meta") for f in _nf4_fields(m.qweight)}
+    return copy.deepcopy(model, memo)
+
+
 def gathered_model(model):
-    """A plain (unsharded) copy of an FSDP-sharded Transformer on rank 0's CPU, None on the other ranks; every rank
-    must call it. An unsharded model is returned as it is."""
+    """A plain (unsharded) copy of an FSDP-sharded model (a Transformer or a PeftModel, 4-bit layers included) on
+    rank 0's CPU, None on the other ranks; every rank must call it. An unsharded model is returned as it is."""
     from torch.distributed.fsdp import FSDPModule
 
     if not isinstance(model, FSDPModule):
         return model
-    from .model import Transformer
-
-    seen, full = {}, {}
-    for k, v in model.state_dict().items():  # tied weights: one tensor under two keys, gathered once
-        if id(v) not in seen:
-            seen[id(v)] = _full(v).detach().cpu()
-        full[k] = seen[id(v)]
-    if dist.get_rank() != 0:
+    for m in model.modules():  # (the root stays gathered after a forward with no backward, e.g. evaluation)
+        if isinstance(m, FSDPModule):
+            m.reshard()
+    main = dist.get_rank() == 0
+    full = {}
+    for name, p in model.named_parameters():  # (tied weights once) the same order on every rank: collectives
+        t = _full(p).detach()
+        if main:
+            full[name] = t.cpu()
+    if not main:
         return None
-    with torch.device("meta"):
-        plain = Transformer(model.config)
-    plain.load_state_dict(full, assign=True)
-    if model.config.tie_word_embeddings:
-        plain.lm_head.weight = plain.model.embed_tokens.weight
-    return plain.to(plain.dtype)  # (Transformer._apply rebuilds the rotary buffer, left on meta above)
+    plain = copy.deepcopy(_PLAIN[model])
+    whole = {id(p): torch.nn.Parameter(full[n], p.requires_grad) for n, p in plain.named_parameters()}
+    for name, m in plain.named_modules():
+        m._parameters.update({k: whole[id(p)] for k, p in m._parameters.items() if p is not None})  # ties kept
+        if isinstance(m, NF4Linear):
+            m.qweight = _nf4_whole(m, {f: full[f"{name}.qweight_{f}"] for f in _nf4_fields(m.qweight)})
+    return plain
 
 
 class _Gathered:  # an optimizer as save_checkpoint reads it: its state_dict with every DTensor gathered
@@ -206,6 +310,8 @@ class Parallel:
         self.rank, self.world = world()
         self.model = self.module = model
         self.sharded = bool(getattr(cfg, "fsdp", False))
+        if self.sharded:
+            check_shardable(model)
         if self.sharded and not dist.is_initialized():
             raise ValueError("TrainConfig.fsdp=True needs a process group: launch with torchrun (or --nproc N)")
         if self.sharded:

@@ -29,6 +29,7 @@ from minipeft.cli import main
 from minipeft.data import load_text_dataset
 from minipeft.lora import LoraConfig
 from minipeft.model import ModelConfig, Transformer
+from minipeft.nf4 import NF4Linear, quantize_model
 from minipeft.peft import PeftModel, get_peft_model
 from minipeft.train import TrainConfig, train
 
@@ -37,6 +38,7 @@ MODEL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_lay
              num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
 TEXT = "the quick brown fox jumps over the lazy dog. " * 30
 ROOT = Path(__file__).resolve().parents[1]
+FIELDS = ("packed", "absmax", "offset", "nested_absmax", "nested_code")  # an NF4Weight's tensors (double-quantized)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -73,6 +75,13 @@ def full_model():
     return Transformer(ModelConfig(**MODEL)).double()
 
 
+def qlora_model(use_dora=False):  # float64 compute: the NF4 base dequantizes to float64 (one process: 1e-10)
+    torch.manual_seed(0)
+    model = quantize_model(Transformer(ModelConfig(**MODEL)).double())  # every Linear but the (tied) head, nested
+    targets = ["q_proj", "v_proj", "down_proj"]
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=use_dora))
+
+
 def config(out_dir, batch_size, **kw):  # batch_size: per process; 17 held-out rows: the last global batch is short
     return TrainConfig(**{"steps": 4, "lr": 1e-2, "batch_size": batch_size, "grad_accum": 2, "log_every": 1,
                           "eval_every": 2, "eval_batches": None, "save_every": 2, "progress": False,
@@ -81,6 +90,10 @@ def config(out_dir, batch_size, **kw):  # batch_size: per process; 17 held-out r
 
 def save_adapter(m, path):
     m.save_pretrained(Path(path) / "adapter")
+
+
+def nf4_state(model):  # the 4-bit layers' state dict entries (bitsandbytes' keys: weight, weight.absmax, ...)
+    return {k: v.contiguous() for k, v in model.state_dict().items() if v.dtype == torch.uint8 or ".weight." in k}
 
 
 def trainable(model):
@@ -119,19 +132,7 @@ def _worker(rank, tmp, port):
     torch.save({"metrics": metrics, "reduced": reduced}, tmp / f"ddp-rank{rank}.pt")  # (a test file, our own)
 
     # 2. the same run killed after its checkpoint at step 2 (every rank, inside step 3), then resumed
-    calls, plain_loss = [0], train_module.batch_loss
-
-    def dies_in_step_3(model, batch, device):
-        calls[0] += 1
-        if calls[0] == 5:  # 2 micro-batches a step: the first of step 3
-            raise Stop
-        return plain_loss(model, batch, device)
-
-    train_module.batch_loss = dies_in_step_3
-    with pytest.raises(Stop):
-        train(lora_model(), train_set, None, config(tmp / "resumed", 2), on_save=save_adapter)
-    train_module.batch_loss = plain_loss
-    train(lora_model(), train_set, None, config(tmp / "resumed", 2), on_save=save_adapter, resume=True)
+    killed_and_resumed(train_set, config(tmp / "resumed", 2), tmp / f"resumed-rank{rank}.pt")
 
     # 3. FSDP2 full fine-tuning (float64: no mixed precision on CPU), the model of the best held-out loss kept
     model = full_model()
@@ -144,7 +145,53 @@ def _worker(rank, tmp, port):
     if rank == 0:
         save_file(best(full), tmp / "fsdp.safetensors")
         torch.save({"metrics": metrics}, tmp / "fsdp.pt")
+
+    # 4. FSDP2 with LoRA: the frozen base sharded too, the adapter trained inside the shards, rank 0 writes it
+    model = lora_model()
+    metrics = train(model, train_set, val_set, config(tmp / "fsdp-lora", 2, fsdp=True), on_save=save_adapter)
+    distributed.gathered_model(model)  # (also reshards the root, which an evaluation leaves gathered)
+    rows = {n: p.to_local().shape[0] for n, p in model.named_parameters()}
+    torch.save({"metrics": metrics, "rows": rows}, tmp / f"fsdp-lora-rank{rank}.pt")
+
+    # 5. and killed inside step 3, then resumed from its checkpoint at step 2
+    killed_and_resumed(train_set, config(tmp / "fsdp-resumed", 2, fsdp=True), tmp / f"fsdp-resumed-rank{rank}.pt")
+
+    # 6. FSDP2 with QLoRA: the NF4 codes and their quantization state sharded (as uint8 parameters)
+    model = qlora_model()
+    metrics = train(model, train_set, val_set, config(tmp / "fsdp-qlora", 2, fsdp=True), on_save=save_adapter)
+    full = distributed.gathered_model(model)
+    held = {n: p.to_local().numel() * p.element_size() for n, p in model.named_parameters() if ".qweight_" in n}
+    meta = [all(getattr(m.qweight, f).is_meta for f in FIELDS) for m in model.modules() if isinstance(m, NF4Linear)]
+    torch.save({"metrics": metrics, "bytes": held, "meta": meta}, tmp / f"fsdp-qlora-rank{rank}.pt")
+    if rank == 0:
+        save_file(nf4_state(full), tmp / "fsdp-qlora-base.safetensors")
+
+    # 7. and with DoRA, which also reads the 4-bit weight outside the layer's forward (its row norms)
+    metrics = train(qlora_model(use_dora=True), train_set, None, config(tmp / "fsdp-qdora", 2, fsdp=True),
+                    on_save=save_adapter)  # fmt: skip
+    if rank == 0:
+        torch.save({"metrics": metrics}, tmp / "fsdp-qdora.pt")
     distributed.teardown()
+
+
+def killed_and_resumed(train_set, cfg, calls_file):
+    """A LoRA run killed after its checkpoint at step 2 (every rank, inside step 3), then resumed; the resumed
+    run's micro-batches are counted into calls_file (it must start at step 3: 2 steps x 2 micro-batches)."""
+    calls, plain_loss = [0], train_module.batch_loss
+
+    def dies_in_step_3(model, batch, device):
+        calls[0] += 1
+        if calls[0] == 5:  # 2 micro-batches a step: the first of step 3
+            raise Stop
+        return plain_loss(model, batch, device)
+
+    train_module.batch_loss = dies_in_step_3
+    with pytest.raises(Stop):
+        train(lora_model(), train_set, None, cfg, on_save=save_adapter)
+    calls[0] = 100  # (no more deaths)
+    train(lora_model(), train_set, None, cfg, on_save=save_adapter, resume=True)
+    train_module.batch_loss = plain_loss
+    torch.save({"micro_batches": calls[0] - 100}, calls_file)
 
 
 @pytest.fixture(scope="module")
@@ -168,10 +215,18 @@ def rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-def test_ddp_lora_equals_one_process_with_the_same_global_batch(spawned):
+@pytest.fixture(scope="module")
+def lora_reference(spawned):
+    """One process, LoRA, with the global batch of the 2-process runs: (model, metrics, its checkpoint folder)."""
     train_set, val_set = data(spawned)
     model = lora_model()
-    ref = train(model, train_set, val_set, config(spawned / "ref-ddp", 4))  # 4 = 2 per rank x 2 ranks
+    ref = train(model, train_set, val_set, config(spawned / "ref-lora", 4), on_save=save_adapter)  # 4 = 2 x 2 ranks
+    assert all(p.norm() > 0 for n, p in model.named_parameters() if "lora_B" in n)  # B trained away from 0
+    return model, ref, spawned / "ref-lora" / "checkpoint"
+
+
+def test_ddp_lora_equals_one_process_with_the_same_global_batch(spawned, lora_reference):
+    model, ref, _ = lora_reference
     got = torch.load(spawned / "ddp-rank0.pt")
     for a, b in zip(got["metrics"]["train"], ref["train"], strict=True):
         assert a["step"] == b["step"] and abs(a["loss"] - b["loss"]) <= 1e-10 * abs(b["loss"])
@@ -204,10 +259,13 @@ def test_the_adapter_written_by_rank_0_loads_in_one_process(spawned):
         assert torch.equal(p, trained[n]), n
 
 
-def test_resumed_2_process_run_ends_with_the_same_adapter_bytes(spawned):
-    a = spawned / "ddp" / "checkpoint" / "adapter" / "adapter_model.safetensors"
-    b = spawned / "resumed" / "checkpoint" / "adapter" / "adapter_model.safetensors"
-    assert a.read_bytes() == b.read_bytes()
+@pytest.mark.parametrize("run", ["ddp", "fsdp"])
+def test_resumed_2_process_run_ends_with_the_same_adapter_bytes(spawned, run):
+    a, b = (spawned / d / "checkpoint" for d in {"ddp": ("ddp", "resumed"), "fsdp": ("fsdp-lora", "fsdp-resumed")}[run])
+    for f in ("adapter/adapter_model.safetensors", "trainable.safetensors", "optimizer.safetensors"):
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    for r in range(WORLD):  # it did resume: steps 3 and 4 only, on every rank
+        assert torch.load(spawned / f"{b.parent.name}-rank{r}.pt")["micro_batches"] == 2 * 2
 
 
 def test_resume_with_another_world_size_stops_at_once(spawned):
@@ -241,13 +299,95 @@ def test_fsdp_full_finetuning_equals_one_process(spawned):
             assert rel(a[k], b[k]) <= 1e-9, k
 
 
+def test_fsdp_lora_equals_one_process(spawned, lora_reference):
+    """LoRA under FSDP2: each step's loss, the held-out losses, and the adapter rank 0 wrote (gathered from the
+    shards) against one process with the same global batch: float64, rel 1e-10."""
+    model, ref, ref_ckpt = lora_reference
+    got = [torch.load(spawned / f"fsdp-lora-rank{r}.pt") for r in range(WORLD)]
+    for a, b in zip(got[0]["metrics"]["train"] + got[0]["metrics"]["eval"], ref["train"] + ref["eval"], strict=True):
+        key = "loss" if "loss" in b else "val_loss"
+        assert a["step"] == b["step"] and abs(a[key] - b[key]) <= 1e-10 * abs(b[key])
+    ckpt = spawned / "fsdp-lora" / "checkpoint"
+    written, want = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (ckpt, ref_ckpt))
+    assert written.keys() == want.keys() and len(want) == 12
+    for k in want:
+        assert rel(written[k], want[k]) <= 1e-10, k
+    for f in ("trainable", "optimizer"):  # the checkpoint's full tensors, gathered from the shards
+        a, b = (load_file(d / f"{f}.safetensors") for d in (ckpt, ref_ckpt))
+        assert a.keys() == b.keys() and all(rel(a[k], b[k]) <= 1e-9 for k in b)
+    # every parameter, the frozen base's and the adapter's, was held as two halves of its rows (dim 0)
+    for n, p in model.named_parameters():
+        assert [g["rows"][n] for g in got] == [-(-p.shape[0] // 2), p.shape[0] // 2], n
+
+
+def test_fsdp_qlora_equals_one_process_and_each_rank_holds_half_of_the_4_bits(spawned):
+    """QLoRA under FSDP2 against one-process QLoRA with the same global batch: losses and the adapter, float64
+    (the NF4 base dequantized to float64, as tests/test_qlora.py: rel 1e-10); the 4-bit base rank 0 gathers equals
+    the one-process one byte for byte; each rank held half of the packed codes and half of the quantization state
+    (absmax, offset, nested_absmax, nested_code), and no other copy of them."""
+    train_set, val_set = data(spawned)
+    model = qlora_model()
+    ref = train(model, train_set, val_set, config(spawned / "ref-qlora", 4), on_save=save_adapter)
+    got = [torch.load(spawned / f"fsdp-qlora-rank{r}.pt") for r in range(WORLD)]
+    for a, b in zip(got[0]["metrics"]["train"] + got[0]["metrics"]["eval"], ref["train"] + ref["eval"], strict=True):
+        key = "loss" if "loss" in b else "val_loss"
+        assert a["step"] == b["step"] and abs(a[key] - b[key]) <= 1e-10 * abs(b[key])
+    adapter = "checkpoint/adapter/adapter_model.safetensors"
+    written, want = (load_file(spawned / d / adapter) for d in ("fsdp-qlora", "ref-qlora"))
+    assert written.keys() == want.keys() and len(want) == 12
+    assert all(want[k].norm() > 0 for k in want if "lora_B" in k)
+    for k in want:
+        assert rel(written[k], want[k]) <= 1e-10, k
+    base, want_base = load_file(spawned / "fsdp-qlora-base.safetensors"), nf4_state(model)
+    assert base.keys() == want_base.keys() and len(want_base) == 2 * 7 * 6  # 2 blocks x 7 layers x 6 tensors
+    for k in want_base:
+        assert torch.equal(base[k], want_base[k]), k
+    # the bytes of every 4-bit tensor in one process, against what each rank held
+    whole = {f"{n}.qweight_{f}": getattr(m.qweight, f).numel() * getattr(m.qweight, f).element_size()
+             for n, m in model.named_modules() if isinstance(m, NF4Linear) for f in FIELDS}  # fmt: skip
+    held = [g["bytes"] for g in got]
+    assert all(held[r].keys() == whole.keys() for r in range(WORLD)) and len(whole) == 2 * 7 * len(FIELDS)
+    for n, size in whole.items():  # rows 0 .. ceil(n/2)-1 on rank 0, the rest on rank 1
+        assert [held[0][n], held[1][n]] == [-(-size // 2), size // 2], n
+
+    def total(sizes, field):
+        return sum(v for n, v in sizes.items() if n.endswith(f"qweight_{field}"))
+
+    for field in FIELDS:  # (every tensor here has an even byte count: exactly half each)
+        assert [total(held[r], field) for r in range(WORLD)] == [total(whole, field) / 2] * WORLD, field
+    assert all(all(g["meta"]) and len(g["meta"]) == 2 * 7 for g in got)
+
+
+def test_fsdp_qlora_with_dora_equals_one_process(spawned):
+    train_set, _ = data(spawned)
+    ref = train(qlora_model(use_dora=True), train_set, None, config(spawned / "ref-qdora", 4), on_save=save_adapter)
+    got = torch.load(spawned / "fsdp-qdora.pt")["metrics"]
+    for a, b in zip(got["train"], ref["train"], strict=True):
+        assert a["step"] == b["step"] and abs(a["loss"] - b["loss"]) <= 1e-10 * abs(b["loss"])
+    adapter = "checkpoint/adapter/adapter_model.safetensors"
+    written, want = (load_file(spawned / d / adapter) for d in ("fsdp-qdora", "ref-qdora"))
+    assert written.keys() == want.keys() and sum("lora_magnitude_vector" in k for k in want) == 6
+    for k in want:
+        assert rel(written[k], want[k]) <= 1e-10, k
+
+
+def test_fsdp_refuses_adapters_it_does_not_shard(spawned):
+    from minipeft.prefix import PrefixTuningConfig
+
+    train_set, _ = data(spawned)
+    model = get_peft_model(full_model(), PrefixTuningConfig(num_virtual_tokens=4))
+    with pytest.raises(ValueError, match="not PREFIX_TUNING adapters: train them data-parallel"):
+        train(model, train_set, None, config(spawned / "prefix", 2, fsdp=True))
+    assert not (spawned / "prefix").exists()
+
+
 # ------------------------------------------------------------------------------------------- the command line
 
 
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--fsdp", "--method", "lora"], "--fsdp shards --method full, not --method lora"),
+        (["--fsdp", "--method", "prefix"], "--fsdp shards --method full, lora or qlora, not --method prefix"),
         (["--fsdp", "--method", "full"], "--fsdp shards over several processes: add --nproc N"),
         (["--nproc", "3", "--global-batch", "8"], "--global-batch 8 is not divisible by 3 processes"),
         (["--nproc", "2", "--global-batch", "8", "--batch-size", "2"], "give --global-batch or --batch-size"),
@@ -285,6 +425,25 @@ def test_finetune_nproc_2_equals_one_process(cli_runs):
     assert a.keys() == b.keys() and len(b) == 20  # q_proj and v_proj of 5 layers, A and B
     for k in b:  # float32: measured 1.2e-5 at most (lora_B after 2 steps: Adam's first steps divide by
         assert rel(a[k], b[k]) <= 1e-4, k  # sqrt(v) of tiny gradients, so summation order shows; float64 above: 1e-10
+
+
+def test_finetune_nproc_2_fsdp_qlora_equals_one_process(tmp_path):
+    """`minipeft finetune --method qlora --fsdp --nproc 2` against one-process QLoRA on the bundled model and data:
+    float32, the tolerances of the DDP command above (measured: losses 4e-8, adapter weights 1.1e-5)."""
+    qlora = ["--method", "qlora", *CLI[2:], "--eval-every", "2"]  # (held-out loss at steps 0 and 2)
+    main(["finetune", *qlora, "--nproc", "2", "--fsdp", "--global-batch", "4", "--out", str(tmp_path / "two")])
+    main(["finetune", *qlora, "--batch-size", "4", "--out", str(tmp_path / "one")])
+    two, one = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("two", "one"))
+    assert [e["step"] for e in two["train"]] == [2] and [e["step"] for e in two["eval"]] == [0, 2]
+    for a, b in zip(two["train"] + two["eval"], one["train"] + one["eval"], strict=True):
+        key = "loss" if "loss" in b else "val_loss"
+        assert a["step"] == b["step"] and abs(a[key] - b[key]) <= 1e-5 * abs(b[key])
+    assert json.loads((tmp_path / "two/checkpoint/distributed.json").read_text()) == {"world_size": 2, "fsdp": True}
+    for kind in ("adapter", "adapter-last"):  # the best and the last, both written by rank 0 after gathering
+        a, b = (load_file(tmp_path / d / kind / "adapter_model.safetensors") for d in ("two", "one"))
+        assert a.keys() == b.keys() and len(b) == 70  # all-linear (QLoRA's default): 7 Linears x 5 layers, A and B
+        for k in b:
+            assert rel(a[k], b[k]) <= 1e-4, k
 
 
 def test_the_nproc_adapter_loads_in_one_process(cli_runs):
