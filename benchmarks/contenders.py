@@ -243,6 +243,7 @@ def unsloth(env, method, checkpointing=False):
     FastLanguageModel = unsloth_import().FastLanguageModel
 
     gc = "unsloth" if checkpointing else False
+    os.environ["UNSLOTH_ENABLE_FULL_FINETUNING"] = "1" if method == "full" else "0"  # process-wide, kept by a LoRA load
     model, _ = FastLanguageModel.from_pretrained(
         env.hf_folder(), max_seq_length=SHAPES[env.shape]["seq"], dtype=DTYPE, load_in_4bit=method == "qlora",
         full_finetuning=method == "full", use_gradient_checkpointing=gc, local_files_only=True,

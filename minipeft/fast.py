@@ -32,6 +32,7 @@ Why each pays, in one line:
 
 import dataclasses
 import functools
+import types
 
 import torch
 import torch.nn as nn
@@ -72,7 +73,7 @@ def compile_blocks(model, **options):
         _levers(layer)["compiled"] = torch.compile(_levers(layer)["plain"], **options)
         for m in layer.modules():
             if hasattr(m, "qweight") and "forward" not in m.__dict__:  # a 4-bit layer (nf4.NF4Linear)
-                m.forward = functools.partial(_nf4_forward, m, type(m).forward.__get__(m))
+                m.forward = types.MethodType(_nf4_forward, m)  # (one function for all: no recompile per layer)
     base = getattr(model, "base_model", model)
     base.fused_loss = True  # (read by the chunked loss: its chunks run compiled)
     return model
@@ -97,14 +98,14 @@ def reset(model):
 # ----------------------------------------------------------------------------------- 4-bit layers under compile
 
 
-def _nf4_forward(layer, plain, x):
+def _nf4_forward(layer, x):
     """Eager: the plain NF4 forward (nf4.NF4LinearFunction). While torch.compile traces: y = x W^T + b with W
     from a checkpointed region that holds only the dequantization. Traced as NF4LinearFunction is, the compiler
     merges the backward's dequantization with the forward's and keeps the dense W for backward; ops in a
     checkpointed region are recomputed in backward instead, so W is rebuilt from the 4-bit tensors there, and the
     matmul stays outside it, saved and differentiated as any linear's."""
     if not torch.compiler.is_compiling():
-        return plain(x)
+        return type(layer).forward(layer, x)
     from .nf4 import _TENSOR_FIELDS, _dequantize
 
     q = layer.qweight
