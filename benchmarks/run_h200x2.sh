@@ -10,12 +10,13 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OF
 B="python benchmarks/bench_finetune.py --device cuda --extras none --steps 12 --warmup 3"
 D="benchmarks/bench_distributed.py --steps 15 --warmup 5"
 T="torchrun --nproc_per_node 2"
-ANCHORS=minipeft,hf,hf_bnb,hf_compile,hf_graphs,hf_liger,unsloth,unsloth_gc
+ANCHORS=${ANCHORS:-minipeft,hf,hf_bnb,hf_compile,hf_graphs,hf_liger,unsloth,unsloth_gc}
+SWITCHES=${SWITCHES:-compile,compile_cg}; METHODS=${METHODS:-full,lora_qv,lora_all,qlora}
 case $1 in
 anchors)
   for s in smollm2-135m:0 llama-1b:1; do
-    CUDA_VISIBLE_DEVICES=${s#*:} $B --shapes ${s%:*} --methods full,lora_qv,lora_all,qlora --contenders $ANCHORS \
-      --switches compile,compile_cg --out "$out" --name "$2-${s%:*}" > "$out/$2-${s%:*}.log" 2>&1 &
+    CUDA_VISIBLE_DEVICES=${s#*:} $B --shapes ${s%:*} --methods $METHODS --contenders $ANCHORS \
+      --switches $SWITCHES --out "$out" --name "$2-${s%:*}" > "$out/$2-${s%:*}.log" 2>&1 &
   done
   wait ;;
 scaling)
@@ -24,8 +25,8 @@ scaling)
   CUDA_VISIBLE_DEVICES=1 python $D --method full --compile default --out "$j" &
   wait
   $T $D --method lora_all --compile default --out "$j"
-  $T $D --method full --compile default --out "$j"
   $T $D --method full --fsdp --compile default --out "$j"
+  $T $D --method full --compile default --out "$j"
   CUDA_VISIBLE_DEVICES=0 python $D --impl hf --method lora_all --out "$j" &
   CUDA_VISIBLE_DEVICES=1 python $D --impl hf --method full --out "$j" &
   wait
