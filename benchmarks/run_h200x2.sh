@@ -2,7 +2,7 @@
 # The GPU runs of benchmarks/README.md on one host with two H200s: each process alone on its GPU.
 #   bash benchmarks/run_h200x2.sh anchors NAME   the 135M and 1B rows against every anchor, one shape per GPU, at once
 #   bash benchmarks/run_h200x2.sh scaling        bench_distributed.py: 1B on 1 and 2 GPUs, minipeft and HF + accelerate
-#   bash benchmarks/run_h200x2.sh 7b NAME        the 7B rows: QLoRA memory against Unsloth; FSDP2 per-GPU memory
+#   bash benchmarks/run_h200x2.sh 7b             FSDP2 per-GPU memory at 7B (full, QLoRA); HF + accelerate FSDP2 at 1B
 # Results and logs go to $OUT (the lent machine's output folder) or /tmp/out.
 set -u
 out=${OUT:-/tmp/out}; mkdir -p "$out"
@@ -32,12 +32,12 @@ scaling)
   wait
   $T $D --impl hf --method lora_all --out "$j"
   $T $D --impl hf --method full --fsdp --out "$j" ;;
-7b)
+7b)  # issue 18's sharded rows: FSDP2 per-GPU peak at 7B (full, QLoRA) against one GPU; HF + accelerate FSDP2 at 1B
   j="$out/7b.jsonl"
-  CUDA_VISIBLE_DEVICES=0 $B --shapes llama-7b,llama-7b-4k --methods qlora --contenders minipeft,hf_bnb,unsloth,unsloth_gc \
-    --switches compile,compile_gc --steps 4 --warmup 2 --out "$out" --name "$2" > "$out/$2.log" 2>&1 &
-  CUDA_VISIBLE_DEVICES=1 python $D --shape llama-7b --method full --compile default --out "$j"
+  $T $D --shape llama-7b --method full --fsdp --compile default --steps 8 --warmup 3 --out "$j"
+  $T $D --shape llama-7b --method qlora --fsdp --steps 8 --warmup 3 --out "$j"
+  CUDA_VISIBLE_DEVICES=0 python $D --shape llama-7b --method qlora --steps 8 --warmup 3 --out "$j" &
+  CUDA_VISIBLE_DEVICES=1 python $D --shape llama-7b --method full --compile default --steps 8 --warmup 3 --out "$j" &
   wait
-  $T $D --shape llama-7b --method full --fsdp --compile default --out "$j"
-  $T $D --shape llama-7b --method full --fsdp --impl hf --out "$j" ;;
+  $T $D --impl hf --method full --fsdp --out "$j" ;;
 esac
