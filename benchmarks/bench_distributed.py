@@ -14,7 +14,8 @@ Both: AdamW (fused on CUDA), lr 1e-5, clipping at 1.0, --batch rows of --seq tok
 
 tokens/s = tokens of every process in the timed steps / their wall time (host clock, synchronized: the loss is
 read each step); timed = all steps after the first --warmup (the compile and the first optimizer step are in
-those). Peak = torch.cuda.max_memory_allocated on each process. Weak scaling: the per-process batch stays, so N
+those). Peak = torch.cuda.max_memory_allocated on each process from the model built (and quantized: not the
+bf16 model QLoRA quantizes) to the end; with FSDP every process still builds the whole model, then shards it. Weak scaling: the per-process batch stays, so N
 processes train an N times larger batch; scaling = tokens/s on N / tokens/s on 1.
 Rank 0 prints one JSON line (and writes it to --out).
 """
@@ -41,6 +42,15 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 TARGETS = {"lora_qv": ["q_proj", "v_proj"], "lora_all": ALL_LINEAR, "qlora": ALL_LINEAR}
 
 
+BUILT = {}
+
+
+def built(device):  # the model is built (and quantized): peak memory counts from here, the build's transient not
+    if device != "cpu":
+        BUILT["gib"] = torch.cuda.memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+
+
 def minipeft_run(args, device, ids):
     """train() as `minipeft finetune` runs it; returns the per-step tokens/s."""
     full = args.method == "full"
@@ -51,6 +61,7 @@ def minipeft_run(args, device, ids):
         model = mp.quantize_model(model)
     if not full:
         model = mp.get_peft_model(model, mp.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS[args.method]))
+    built(device)
     data = Dataset(input_ids=list(ids), labels=list(ids))
     cfg = mp.TrainConfig(steps=args.steps, lr=1e-5, batch_size=args.batch, log_every=1, seed=0, compile=args.compile,
                          fsdp=args.fsdp, eval_batches=None, progress=False)  # fmt: skip
@@ -93,6 +104,7 @@ def hf_run(args, device, ids):
         layers = model.get_base_model().model.layers if not full else model.model.layers
         for layer in layers:
             layer.compile(**({"mode": args.compile} if isinstance(args.compile, str) else {}))
+    built(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device != "cpu")
     model, optimizer = acc.prepare(model, optimizer)
@@ -137,8 +149,6 @@ def main(argv=None):
     g = torch.Generator().manual_seed(1)
     n = args.batch * world * args.steps
     ids = torch.randint(0, CONFIGS[args.shape]["cfg"]["vocab_size"], (n, args.seq), generator=g)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
     per_step, extra = (minipeft_run if args.impl == "minipeft" else hf_run)(args, device, ids)
     peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0], device=device)
     peaks = [torch.zeros_like(peak) for _ in range(world)]
@@ -150,6 +160,7 @@ def main(argv=None):
     res = dict(shape=args.shape, method=args.method, impl=args.impl, fsdp=args.fsdp, compile=args.compile,
                world=world, batch_per_process=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
                tokens_per_s=len(timed) / sum(1 / x for x in timed), peak_gib=[round(float(p), 3) for p in peaks],
+               built_gib=round(BUILT.get("gib", 0.0), 3),
                loss_last=extra.get("loss"), device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
                date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))  # fmt: skip
     if rank == 0:

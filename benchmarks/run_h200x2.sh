@@ -40,4 +40,8 @@ scaling)
   CUDA_VISIBLE_DEVICES=1 python $D --shape llama-7b --method full --compile default --steps 8 --warmup 3 --out "$j" &
   wait
   $T $D --impl hf --method full --fsdp --out "$j" ;;
+qlora7b)  # 7B QLoRA under FSDP2 against one GPU
+  j="$out/qlora7b.jsonl"
+  $T $D --shape llama-7b --method qlora --fsdp --steps 8 --warmup 3 --out "$j"
+  python $D --shape llama-7b --method qlora --steps 8 --warmup 3 --out "$j" ;;
 esac

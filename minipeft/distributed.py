@@ -34,7 +34,7 @@ compute in bf16 with float32 reduction (MixedPrecisionPolicy); on CPU in the mod
   reduce-scattered. Only the adapter's shards get gradients and AdamW states.
 - QLoRA (--method qlora): the idea of Answer.AI's FSDP + QLoRA, a base that does not fit one device in 4 bits fits
   N. The NF4 codes and their quantization state (absmax, double quantization's offset, nested absmax and code)
-  are sharded too: FSDP2 shards parameters only, so they become frozen uint8 parameters (_shard_nf4 below).
+  are sharded too: FSDP2 shards parameters only, so they become frozen parameters (_shard_nf4 below).
 Other adapters (bottleneck, IA3, prefix, prompt) are refused (check_shardable): nothing tests them sharded.
 
 Files. Only rank 0 writes (metrics.json, checkpoints, adapters), each atomically (files.py); with FSDP every rank
@@ -178,9 +178,12 @@ def shard(model, device, bf16=None):
 # ------------------------------------------------------------------------------------- 4-bit layers under FSDP2
 # FSDP2 shards and all-gathers nn.Parameters only, while NF4Linear keeps its 4-bit tensors (packed codes, absmax,
 # double quantization's offset, nested_absmax and nested_code) in a plain NF4Weight. So each becomes a frozen
-# parameter of the layer, `qweight_<field>`, flat and viewed as bytes (uint8): FSDP2 takes frozen and mixed-dtype
-# parameters in one unit (it all-gathers them as bytes), and never casts a uint8 one (the bf16 policy would round
-# a float32 absmax). Each rank keeps 1/N of every one; inside its Block's forward and backward FSDP2 has gathered
+# parameter of the layer, `qweight_<field>`: its bytes, flat, held two by two in a bfloat16 tensor. Not
+# as uint8: torch before 2.13 makes every sharded parameter with requires_grad=True first, which a uint8 tensor
+# refuses ("only Tensors of floating point dtype can require gradients": seen on torch 2.11 + CUDA); and not as
+# float32: the bf16 policy would round it. bf16 is the policy's own dtype, so FSDP2 never casts it, and its
+# all-gather copies the bits as they are (a pattern that reads as NaN is never computed with: the layer views the
+# bytes back as uint8 codes and float32 absmax before any arithmetic). Each rank keeps 1/N of every one; inside its Block's forward and backward FSDP2 has gathered
 # them whole, and the layer's forward (and dequantize, for DoRA) read them from there. qweight itself keeps only
 # the shapes and dtypes (on the meta device): the 4-bit bytes live in the parameters alone.
 
@@ -189,6 +192,7 @@ def _shard_nf4(layer):
     q = layer.qweight
     for f in _nf4_fields(q):
         t = getattr(q, f).reshape(-1).view(torch.uint8)  # (bytes,); a 0-dim offset becomes its 4 bytes
+        t = torch.cat([t, t.new_zeros(t.numel() % 2)]).view(torch.bfloat16)  # (bytes / 2,): see the note above
         layer.register_parameter(f"qweight_{f}", torch.nn.Parameter(t, requires_grad=False))
     layer.qweight = q.to("meta")
     layer.forward = functools.partial(_nf4_forward, layer)
@@ -199,9 +203,14 @@ def _nf4_fields(q):  # the tensors this NF4Weight holds (offset and nested_* onl
     return [f for f in _TENSOR_FIELDS if getattr(q, f) is not None]
 
 
-def _nf4_whole(layer, tensors):  # qweight with its tensors from the bytes in `tensors` (field -> uint8)
+def _nf4_whole(layer, tensors):  # qweight with its tensors from the bytes in `tensors` (field -> bf16-held bytes)
     q = layer.qweight
-    views = {f: tensors[f].view(getattr(q, f).dtype).reshape(getattr(q, f).shape) for f in _nf4_fields(q)}
+
+    def view(f):  # the field's bytes (the pad byte dropped) as its own dtype and shape
+        like = getattr(q, f)
+        return tensors[f].view(torch.uint8)[: like.numel() * like.element_size()].view(like.dtype).reshape(like.shape)
+
+    views = {f: view(f) for f in _nf4_fields(q)}
     return dataclasses.replace(q, **views)
 
 
