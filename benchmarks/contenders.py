@@ -40,7 +40,7 @@ class Env:
     """What the builders of one shape share: its config, the device, the batch, a temporary folder."""
 
     def __init__(self, shape, device, tmp):
-        self.shape, self.device = shape, device
+        self.shape, self.device, self.lr = shape, device, 1e-4  # (AdamW's learning rate)
         self.hf_dir = os.path.join(tmp, f"base-{SHAPES[shape].get('weights', shape)}")  # shapes of one model share it
         self.cfg = mp.ModelConfig(**model_config(shape))
         B, T, g = SHAPES[shape]["batch"], SHAPES[shape]["seq"], torch.Generator().manual_seed(1)
@@ -87,7 +87,7 @@ class Env:
 def trainee(env, model, graphs=False, levers=None, **forward_kw):
     """The step every contender times, around `model`; levers(model, optimizer) applies speed levers first."""
     params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())  # tied ones once
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=env.device.type == "cuda")
+    optimizer = torch.optim.AdamW(params, lr=env.lr, fused=env.device.type == "cuda")
     if levers:
         levers(model, optimizer)
     model.train()
