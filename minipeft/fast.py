@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
+from .data import IGNORE_INDEX
 from .loss import HALF
 
 # ------------------------------------------------------------------------------------- blocks: compile, checkpoint
@@ -150,17 +151,18 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, chunk, need_h, need_w, fused=False):  # h (N, D), weight (V, D), targets (N,)
         acc = torch.float32 if h.dtype in HALF else h.dtype  # never downcast a float64 model
-        n = h.size(0)
-        if n == 0:  # no target at all: NaN, as causal_lm_loss (cross_entropy's mean over nothing); zero gradients
-            ctx.save_for_backward(torch.zeros_like(h) if need_h else None)
-            ctx.grad_w = torch.zeros_like(weight) if need_w else None
-            return torch.full((), float("nan"), dtype=acc, device=h.device)
+        rows = h.size(0)
+        # n, the number of targets (labels != -100), stays a tensor: reading it on the host (or dropping the ignored
+        # rows by a boolean index, whose size it decides) would wait for the GPU in every step. Ignored rows are
+        # computed and weighted 0; with no target at all the loss is 0 / 0 = NaN, as causal_lm_loss (cross_entropy's
+        # mean over nothing), and the gradients are 0.
+        n = (targets != IGNORE_INDEX).sum().to(acc)
+        inv_n = torch.where(n > 0, 1 / n.clamp_min(1), 0)  # a tensor: a new n is no new compiled graph
         total = torch.zeros((), dtype=acc, device=h.device)
-        grad_h = torch.empty_like(h) if need_h else None
+        grad_h = torch.zeros_like(h) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None  # summed by addmm_ (each product accumulates in fp32)
-        inv_n = torch.full((), 1 / n, dtype=acc, device=h.device)  # a tensor: a new n is no new compiled graph
         body = _compiled_chunk() if fused else chunk_loss_and_grad
-        for i in range(0, n, chunk):
+        for i in range(0, rows, chunk):
             h_c, t_c = h[i : i + chunk], targets[i : i + chunk]
             if need_h or need_w:
                 picked, g = body(h_c @ weight.T, t_c, inv_n, acc)
@@ -170,7 +172,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 if need_w:
                     grad_w.addmm_(g.T, h_c)  # not a float32 buffer: its += per chunk cost more than the matmul
             else:
-                total -= torch.log_softmax(h_c @ weight.T, -1, dtype=acc).gather(1, t_c[:, None]).sum()
+                logp = torch.log_softmax(h_c @ weight.T, -1, dtype=acc)
+                total -= (logp.gather(1, t_c.clamp_min(0)[:, None])[:, 0] * (t_c != IGNORE_INDEX)).sum()
         ctx.save_for_backward(grad_h)  # per token, like an activation
         ctx.grad_w = grad_w  # W's gradient, ready early (not an activation: the memory W's .grad takes anyway)
         return total / n
@@ -183,15 +186,17 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
 
 def chunk_loss_and_grad(logits, targets, inv_n, acc):
-    """One chunk's (sum of log p(target), dL/dlogits = (softmax - onehot) * inv_n in the logits' dtype).
-    Whole-tensor ops only (the one-hot is a comparison, not a scatter), so that torch.compile fuses it all into
-    one pass that reads the 16-bit logits and writes the 16-bit gradient (no float32 (c, V) buffer); run eager,
-    the in-place ops keep one float32 buffer."""
+    """One chunk's (sum of log p(target), dL/dlogits = (softmax - onehot) * inv_n in the logits' dtype), rows whose
+    target is -100 weighted 0. Whole-tensor ops only (the one-hot is a comparison, not a scatter), so that
+    torch.compile fuses it all into one pass that reads the 16-bit logits and writes the 16-bit gradient (no
+    float32 (c, V) buffer); run eager, the in-place ops keep one float32 buffer."""
+    weight = (targets != IGNORE_INDEX).to(acc)[:, None] * inv_n  # (c, 1): 1/n for a target, 0 for an ignored row
+    targets = targets.clamp_min(0)[:, None]  # (c, 1): any valid index for the ignored rows (weighted 0)
     logp = torch.log_softmax(logits, -1, dtype=acc)  # (c, V), 16-bit logits read once
-    picked = logp.gather(1, targets[:, None]).sum()
+    picked = (logp.gather(1, targets) * (weight > 0)).sum()
     g = logp.exp_()  # softmax, in place
-    g -= (torch.arange(g.size(1), device=g.device) == targets[:, None]).to(torch.uint8)  # minus the one-hot
-    return picked, g.mul_(inv_n).to(logits.dtype)
+    g -= (torch.arange(g.size(1), device=g.device) == targets).to(torch.uint8)  # minus the one-hot
+    return picked, g.mul_(weight).to(logits.dtype)
 
 
 @functools.cache
@@ -208,9 +213,7 @@ def chunked_causal_lm_loss(hidden, weight, labels, chunk=None, fused=False):
     keeps one chunk's float32 logits near 256 MB whatever the vocabulary (523 rows at V = 128k). fused=True runs
     each chunk's softmax and gradient through torch.compile: one pass over the logits instead of five."""
     chunk = chunk or default_chunk(weight.size(0))
-    h, targets = hidden[:, :-1].reshape(-1, hidden.size(-1)), labels[:, 1:].reshape(-1)
-    keep = targets != -100
-    h, targets = h[keep], targets[keep]
+    h, targets = hidden[:, :-1].reshape(-1, hidden.size(-1)), labels[:, 1:].reshape(-1)  # every row: see forward
     if torch.is_autocast_enabled(h.device.type):  # do autocast's cast by hand: the Function runs outside it
         dtype = torch.get_autocast_dtype(h.device.type)
         h, weight = h.to(dtype), weight.to(dtype)

@@ -109,3 +109,41 @@ def test_compiled_training_forward_uses_the_fused_chunks(monkeypatch):
     with torch.no_grad():
         model.eval()(b["input_ids"], labels=b["labels"], return_logits=False)
     assert calls == []
+
+
+def test_chunked_loss_reads_no_value_on_the_host():
+    """No step of the chunked loss waits for the device: nothing reads a value (a boolean index of the targets, or
+    their count as a Python number, would make the host wait for the GPU in every training step; under
+    FakeTensorMode, whose tensors have shapes and no values, either raises). Forward and backward run there."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        h = torch.empty(2, 9, 8, requires_grad=True)
+        w = torch.empty(11, 8, requires_grad=True)
+        labels = torch.empty(2, 9, dtype=torch.long)
+        loss = chunked_causal_lm_loss(h, w, labels, chunk=5)
+        loss.backward()
+        assert loss.shape == () and h.grad.shape == h.shape and w.grad.shape == w.shape
+
+
+def test_chunked_loss_ignores_labels_and_gives_nan_with_no_target():
+    """Rows whose label is -100 take no part (value and gradients equal the plain loss's, float64), and with every
+    label -100 the loss is NaN as the plain loss is, with zero gradients (not NaN ones)."""
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(3, 10, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(13, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    labels = torch.randint(0, 13, (3, 10), generator=g)
+    labels[0, :7], labels[2, 3:] = -100, -100
+    for fused in (False, True):
+        loss = chunked_causal_lm_loss(h, w, labels, chunk=4, fused=fused)
+        loss.backward()
+        got = loss.detach(), h.grad.clone(), w.grad.clone()
+        h.grad = w.grad = None
+        ref = causal_lm_loss(h @ w.T, labels)
+        ref.backward()
+        torch.testing.assert_close(got, (ref.detach(), h.grad, w.grad), rtol=1e-10, atol=1e-14)
+        h.grad = w.grad = None
+    none = chunked_causal_lm_loss(h, w, torch.full_like(labels, -100), chunk=4)
+    none.backward()
+    assert none.isnan() and causal_lm_loss(h @ w.T, torch.full_like(labels, -100)).isnan()
+    assert h.grad.abs().sum() == 0 and w.grad.abs().sum() == 0
