@@ -527,7 +527,6 @@ def _finetune(args, device=None, check_only=False):
         out_dir=str(out),
         compile=args.compile,
         fsdp=bool(getattr(args, "fsdp", False)),
-        device=device if getattr(args, "fsdp", False) else None,  # (--fsdp: the model is on rank 0's CPU, or meta)
         max_grad_norm=None if args.optimizer_in_backward else 1.0,
         optimizer_in_backward=args.optimizer_in_backward,
         early_stop=args.early_stop,
@@ -539,25 +538,17 @@ def _finetune(args, device=None, check_only=False):
     distributed.barrier()  # every rank checked the folder before rank 0 writes into it
 
     # 2. Load the model and the data. Seeded first: the adapter's initial weights come from the global RNG.
-    # --fsdp loads with low memory: rank 0 alone builds the model, on its CPU, as one process would (so the same
-    # adapter init); the other ranks get its structure on the meta device (distributed.share_structure); train()
-    # then gives each rank its shards of rank 0's weights (distributed.shard).
     torch.manual_seed(args.seed)
     t0 = time.time()
-    builds, where = not (tcfg.fsdp and rank), "cpu" if tcfg.fsdp else device  # (where rank 0 builds it)
-    if builds:
-        model, tokenizer = load_pretrained(args.model, dtype=dtype, device=where)
-    else:
-        model, tokenizer = distributed.share_structure()  # waits for rank 0's, below
+    model, tokenizer = load_pretrained(args.model, dtype=dtype, device=device)
     if tokenizer is None:
         raise SystemExit(f"error: {args.model} has no tokenizer (tokenizer.json); finetune needs one")
-    if builds and args.seq_len > model.config.max_position_embeddings:
+    if args.seq_len > model.config.max_position_embeddings:
         raise SystemExit(
             f"error: --seq-len {args.seq_len} exceeds the model's context {model.config.max_position_embeddings}"
         )
     if (
-        builds
-        and config is not None
+        config is not None
         and args.method in ("lora", "qlora", "ia3")
         and (missing := unmatched_targets(model, config.target_modules))
     ):
@@ -565,28 +556,24 @@ def _finetune(args, device=None, check_only=False):
         raise SystemExit(f"error: --targets {', '.join(missing)} matched no Linear layer; candidates: {names}")
     chat = {"auto": "auto", "on": True, "off": False}[args.chat]  # as generate --chat: the same prompt format
     train_data, val_data = load_dataset(args.data, tokenizer, args.seq_len, chat=chat)
-    print(f"model {args.model}: {sum(p.numel() for p in model.parameters()):,d} params, {dtype}, {where} "
+    print(f"model {args.model}: {sum(p.numel() for p in model.parameters()):,d} params, {dtype}, {device} "
           f"({time.time() - t0:.1f}s); data {args.data}: {len(train_data)} train / {len(val_data)} held-out sequences")  # fmt: skip
     bf16 = device.startswith("cuda")  # train() autocasts to bf16 on CUDA (float32 trainable weights): so do we
     base = None
-    if config is not None and tcfg.fsdp:  # (on rank 0's CPU it would take long for a model that needs --fsdp)
-        print("held-out loss of the base model: not evaluated with --fsdp (the model is on rank 0's CPU)")
-    elif config is not None:  # the base model alone, evaluated as train() evaluates (QLoRA: before quantizing)
+    if config is not None:  # the base model alone, evaluated as train() evaluates (QLoRA: before quantizing)
         rows = args.batch_size * distributed.world()[1]  # the global batch's rows, as train() evaluates
         base, _ = evaluate(model, val_data, rows, 20, device=device, bf16=bf16)
         print(f"held-out loss of the base model{' (full precision)' if args.method == 'qlora' else ''}: {base:.4f}")
-    if builds and args.method == "qlora" and config.init_lora_weights != "loftq":  # LoftQ quantizes the targets
+    if args.method == "qlora" and config.init_lora_weights != "loftq":  # LoftQ quantizes the targets itself
         from .nf4 import quantize_model
 
         model = quantize_model(model, blocksize=args.blocksize, double_quant=not args.no_double_quant)
-    if builds and config is not None:
+    model.gradient_checkpointing = args.grad_checkpoint
+    if config is not None:
         model = get_peft_model(model, config, tokenizer=tokenizer)
         model.print_trainable_parameters()
-    if tcfg.fsdp and rank == 0:
-        distributed.share_structure(model, tokenizer)
-    getattr(model, "base_model", model).gradient_checkpointing = args.grad_checkpoint
     prompt = held_out_prompt(val_data)
-    before_text = None if args.no_samples or rank else sample(model, tokenizer, prompt, where)
+    before_text = None if args.no_samples or rank else sample(model, tokenizer, prompt, device)
 
     # 3. Train, keeping the model of the lowest held-out loss as the run's result (adapter/ or model/), and the
     # last one beside it (adapter-last/ or model-last/). Each checkpoint also holds the adapter, in PEFT's format.
