@@ -33,9 +33,9 @@ sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.p
 from harness import ALPHA, SHAPES, R, model_config  # noqa: E402
 
 import minipeft as mp  # noqa: E402
+from minipeft import distributed  # noqa: E402
 from minipeft.data import Dataset  # noqa: E402
 from minipeft.train import train  # noqa: E402
-from minipeft import distributed  # noqa: E402
 
 CONFIGS = {name: dict(cfg=model_config(name), batch=s["batch"], seq=s["seq"]) for name, s in SHAPES.items()}
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -56,7 +56,9 @@ def minipeft_run(args, device, ids):
     full = args.method == "full"
     torch.manual_seed(0)
     with torch.device(device):
-        model = mp.Transformer(mp.ModelConfig(**CONFIGS[args.shape]["cfg"])).to(torch.float32 if full else torch.bfloat16)
+        model = mp.Transformer(mp.ModelConfig(**CONFIGS[args.shape]["cfg"])).to(
+            torch.float32 if full else torch.bfloat16
+        )
     if args.method == "qlora":
         model = mp.quantize_model(model)
     if not full:

@@ -219,8 +219,10 @@ def hf_liger(env, method):
     return hf_trainee(env, method)
 
 
-UNSLOTH_TARGETS = {"lora_qv": ["q_proj", "v_proj"],
-                   "lora_all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+UNSLOTH_TARGETS = {
+    "lora_qv": ["q_proj", "v_proj"],
+    "lora_all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
 UNSLOTH_TARGETS["qlora"] = UNSLOTH_TARGETS["lora_all"]  # fmt: skip
 
 

@@ -53,6 +53,8 @@ COMMON = dict(tie_word_embeddings=True, max_position_embeddings=2048, rms_norm_e
 def model_config(shape):
     """The keyword arguments of a shape's model config (minipeft's ModelConfig and transformers' LlamaConfig)."""
     return {**COMMON, **SHAPES[shape]["cfg"]}
+
+
 METHODS = ["full", "lora_qv", "lora_all", "qlora", "prefix", "prompt", "adapter", "ia3"]
 R, ALPHA, P, BOTTLENECK = 16, 32, 20, 64  # LoRA rank and alpha, virtual tokens, adapter bottleneck
 IA3_TARGETS = ["k_proj", "v_proj", "down_proj"]  # PEFT's IA3 targets for Llama (down_proj: its input scaled)
@@ -232,14 +234,16 @@ def markdown(res):
             ok = {n: r for n, r in results.items() if "step_ms" in r}
             ref = next((ok[n] for n in REFERENCE if n in ok), None)
             anchors = [r for n, r in ok.items() if not n.startswith("minipeft")]
-            best = {"tokens_per_s": max((a["tokens_per_s"] for a in anchors), default=None),
-                    "peak_mem_gib": min((a["peak_mem_gib"] for a in anchors if a.get("peak_mem_gib")), default=None)}
-            ratio = lambda r, k, by: "FAILED" if row["failed"] else fmt(by and r.get(k) and r[k] / by)  # noqa: E731
+            best = {
+                "tokens_per_s": max((a["tokens_per_s"] for a in anchors), default=None),
+                "peak_mem_gib": min((a["peak_mem_gib"] for a in anchors if a.get("peak_mem_gib")), default=None),
+            }
             for name, r in results.items():
                 if "error" in r:
                     lines.append(f"| {meth} | {name} | error: `{r['error'].splitlines()[0][:120]}` |")
                     continue
-                x = {k: (ratio(r, k, ref and ref.get(k)), ratio(r, k, best[k])) for k in best}
+                x = {k: ["FAILED" if row["failed"] else fmt(by and r.get(k) and r[k] / by) for by in (ref and ref.get(k), best[k])]
+                     for k in best}  # fmt: skip
                 lines.append(f"| {meth} | {name} | {r['tokens_per_s']:,.0f} | {x['tokens_per_s'][0]} | "
                              f"{x['tokens_per_s'][1]} | {fmt(r.get('peak_mem_gib'))} | {x['peak_mem_gib'][0]} | "
                              f"{x['peak_mem_gib'][1]} | {100 * r['tflops'] / peak:.1f}% | {r['trainable_params']:,d} | "

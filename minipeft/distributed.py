@@ -183,8 +183,9 @@ def shard(model, device, bf16=None):
 # refuses ("only Tensors of floating point dtype can require gradients": seen on torch 2.11 + CUDA); and not as
 # float32: the bf16 policy would round it. bf16 is the policy's own dtype, so FSDP2 never casts it, and its
 # all-gather copies the bits as they are (a pattern that reads as NaN is never computed with: the layer views the
-# bytes back as uint8 codes and float32 absmax before any arithmetic). Each rank keeps 1/N of every one; inside its Block's forward and backward FSDP2 has gathered
-# them whole, and the layer's forward (and dequantize, for DoRA) read them from there. qweight itself keeps only
+# bytes back as uint8 codes and float32 absmax before any arithmetic). Each rank keeps 1/N of every one; inside
+# its Block's forward and backward FSDP2 has gathered them whole, and the layer's forward (and dequantize, for
+# DoRA) read them from there. qweight itself keeps only
 # the shapes and dtypes (on the meta device): the 4-bit bytes live in the parameters alone.
 
 
