@@ -71,17 +71,19 @@ def minipeft_home(home=None):
 
 
 def load_pretrained(name_or_path, *, dtype=None, device=None):
-    """-> (Transformer, Tokenizer or None). dtype: default the checkpoint's own (float32 for GGUF)."""
+    """-> (Transformer, Tokenizer or None). dtype: default the checkpoint's own (float32 for GGUF). device="meta":
+    the structure alone (every check of names and shapes, no weight read), as FSDP2's other ranks build it."""
     dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if dtype is not None and dtype not in DTYPES.values():
         raise ValueError(f"dtype {dtype!r} not supported; use one of {list(DTYPES)}")
     path = Path(name_or_path)
     if not path.exists() and str(name_or_path) in REGISTRY:
         path = _registered_path(str(name_or_path))
+    weights = str(device) != "meta"
     if path.is_dir():
-        model, tok = _load_hf_dir(path, dtype)
+        model, tok = _load_hf_dir(path, dtype, weights)
     elif path.suffix == ".gguf" and path.is_file():
-        model, tok = _load_gguf(path, dtype or torch.float32)
+        model, tok = _load_gguf(path, dtype or torch.float32, weights)
     elif path.is_file():
         raise ValueError(f"{path} is a file but not a .gguf: pass a model folder or a .gguf file")
     else:
@@ -103,9 +105,9 @@ def _registered_path(name):
 
 
 # ---- Hugging Face folders ------------------------------------------------------------------------------------
-def _load_hf_dir(directory, dtype):
+def _load_hf_dir(directory, dtype, weights=True):
     """Everything is checked against the config from the safetensors headers (names, shapes, dtypes) before any
-    tensor is built; the weights are then read and checked to be finite."""
+    tensor is built; the weights are then read and checked to be finite (weights=False: the meta model)."""
     cfg, saved_dtype = config_from_hf(read_json(directory / "config.json"), directory / "config.json")
     handles = {}  # key -> the open file that holds it
     for file in _weight_files(directory):
@@ -127,8 +129,10 @@ def _load_hf_dir(directory, dtype):
     packed = tuple(f"{n}.weight" for n in nf4_layers(model))  # 4-bit codes and their statistics: nf4.py checks them
     if bad := sorted(k for k in keys if slices[k].get_dtype() not in FLOATS and not k.startswith(packed)):
         raise ValueError(f"{directory}: {bad[0]} is {slices[bad[0]].get_dtype()}; weights are {'/'.join(FLOATS)}")
-    tensors = {k: handles[k].get_tensor(k) for k in keys}
     tok = Tokenizer.from_file(directory) if (directory / "tokenizer.json").is_file() else None
+    if not weights:
+        return _structure(model, dtype or saved_dtype), tok
+    tensors = {k: handles[k].get_tensor(k) for k in keys}
     return _assign(model, tensors, dtype or saved_dtype, directory), tok
 
 
@@ -270,6 +274,21 @@ def _nf4_placeholder(model, name, quant_state, shapes, source):
     setattr(model.get_submodule(parent), child, layer)
 
 
+def _structure(model, dtype):
+    """The meta-device model as _assign would make it, without values: float weights in `dtype`, lm_head tied,
+    4-bit placeholders moved to meta (their codes were never written: torch.empty touched no memory)."""
+    keep = set(nf4_layers(model).values())
+    for layer in keep:
+        layer.to("meta")
+    for m in model.modules():
+        if m not in keep:
+            for name, p in m.named_parameters(recurse=False):
+                setattr(m, name, torch.nn.Parameter(p.to(dtype), p.requires_grad))
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
 def _assign(model, tensors, dtype, source):
     """Put checked tensors into the meta-device model, tie lm_head, make inv_freq real again."""
     keep = tuple(f"{n}." for n in nf4_layers(model))  # 4-bit codes and float32 statistics stay as stored
@@ -288,7 +307,7 @@ def _assign(model, tensors, dtype, source):
 
 
 # ---- GGUF (the format itself is in gguf.py) ------------------------------------------------------------
-def _load_gguf(path, dtype):
+def _load_gguf(path, dtype, weights=True):
     reader, md = gguf.read_gguf(path)
     for t in reader.tensors:
         if t.tensor_type.name not in gguf.GGUF_TYPES:
@@ -308,6 +327,8 @@ def _load_gguf(path, dtype):
     except ValueError as e:  # the model is still usable on ids: say why there is no tokenizer
         warnings.warn(f"{path}: no tokenizer: {e}", stacklevel=3)
         tok = None
+    if not weights:
+        return _structure(model, dtype), tok
     tensors = {}
     for t in reader.tensors:
         w = gguf.dequantize(t.data, t.tensor_type.name, shape[t.name])

@@ -468,6 +468,9 @@ def finetune_processes(args):
         )
     if fsdp and launched_n is None and n == 1:
         raise SystemExit("error: --fsdp shards over several processes: add --nproc N (or launch with torchrun)")
+    if fsdp and getattr(args, "init_lora_weights", None) == "loftq":  # (LoftQ's start needs the values on every rank)
+        raise SystemExit("error: --fsdp loads the other ranks without weights, which LoftQ's start needs: start with "
+                         "--init-lora-weights true, pissa or olora, or train LoftQ on one process")  # fmt: skip
     if n > 1:
         try:
             distributed.check_devices(n, args.device)
@@ -527,6 +530,7 @@ def _finetune(args, device=None, check_only=False):
         out_dir=str(out),
         compile=args.compile,
         fsdp=bool(getattr(args, "fsdp", False)),
+        device=device if getattr(args, "fsdp", False) else None,  # (--fsdp: the model is on rank 0's CPU, or meta)
         max_grad_norm=None if args.optimizer_in_backward else 1.0,
         optimizer_in_backward=args.optimizer_in_backward,
         early_stop=args.early_stop,
@@ -538,9 +542,13 @@ def _finetune(args, device=None, check_only=False):
     distributed.barrier()  # every rank checked the folder before rank 0 writes into it
 
     # 2. Load the model and the data. Seeded first: the adapter's initial weights come from the global RNG.
+    # --fsdp loads with low memory: rank 0 builds the model on its CPU as one process would (so the same adapter
+    # init); the other ranks build its structure on the meta device (no weight read; quantize_model and
+    # get_peft_model work there too); train() then gives each rank its shards of rank 0's weights (distributed.shard).
     torch.manual_seed(args.seed)
     t0 = time.time()
-    model, tokenizer = load_pretrained(args.model, dtype=dtype, device=device)
+    where = ("meta" if rank else "cpu") if tcfg.fsdp else device
+    model, tokenizer = load_pretrained(args.model, dtype=dtype, device=where)
     if tokenizer is None:
         raise SystemExit(f"error: {args.model} has no tokenizer (tokenizer.json); finetune needs one")
     if args.seq_len > model.config.max_position_embeddings:
@@ -556,11 +564,13 @@ def _finetune(args, device=None, check_only=False):
         raise SystemExit(f"error: --targets {', '.join(missing)} matched no Linear layer; candidates: {names}")
     chat = {"auto": "auto", "on": True, "off": False}[args.chat]  # as generate --chat: the same prompt format
     train_data, val_data = load_dataset(args.data, tokenizer, args.seq_len, chat=chat)
-    print(f"model {args.model}: {sum(p.numel() for p in model.parameters()):,d} params, {dtype}, {device} "
+    print(f"model {args.model}: {sum(p.numel() for p in model.parameters()):,d} params, {dtype}, {where} "
           f"({time.time() - t0:.1f}s); data {args.data}: {len(train_data)} train / {len(val_data)} held-out sequences")  # fmt: skip
     bf16 = device.startswith("cuda")  # train() autocasts to bf16 on CUDA (float32 trainable weights): so do we
     base = None
-    if config is not None:  # the base model alone, evaluated as train() evaluates (QLoRA: before quantizing)
+    if config is not None and tcfg.fsdp:  # (on rank 0's CPU it would take long for a model that needs --fsdp)
+        print("held-out loss of the base model: not evaluated with --fsdp (the model is on rank 0's CPU)")
+    elif config is not None:  # the base model alone, evaluated as train() evaluates (QLoRA: before quantizing)
         rows = args.batch_size * distributed.world()[1]  # the global batch's rows, as train() evaluates
         base, _ = evaluate(model, val_data, rows, 20, device=device, bf16=bf16)
         print(f"held-out loss of the base model{' (full precision)' if args.method == 'qlora' else ''}: {base:.4f}")
@@ -568,12 +578,12 @@ def _finetune(args, device=None, check_only=False):
         from .nf4 import quantize_model
 
         model = quantize_model(model, blocksize=args.blocksize, double_quant=not args.no_double_quant)
-    model.gradient_checkpointing = args.grad_checkpoint
     if config is not None:
         model = get_peft_model(model, config, tokenizer=tokenizer)
         model.print_trainable_parameters()
+    getattr(model, "base_model", model).gradient_checkpointing = args.grad_checkpoint
     prompt = held_out_prompt(val_data)
-    before_text = None if args.no_samples or rank else sample(model, tokenizer, prompt, device)
+    before_text = None if args.no_samples or rank else sample(model, tokenizer, prompt, where)
 
     # 3. Train, keeping the model of the lowest held-out loss as the run's result (adapter/ or model/), and the
     # last one beside it (adapter-last/ or model-last/). Each checkpoint also holds the adapter, in PEFT's format.

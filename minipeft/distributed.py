@@ -47,9 +47,17 @@ one stops at once with a clear error (the data each rank reads, and FSDP's shard
 every rank evaluates its rows of each global batch, the sums of losses and token counts are all-reduced, so the
 number equals one process's.
 
-Not done: each rank loads the whole model (to its device) before it is sharded, so today a base must fit one
-device to start (low-memory loading, rank 0 reading and the others on the meta device, is what a base larger than
-one GPU needs next); nccl and the bf16 policy have never run in the tests (CPU, gloo only).
+Loading with low memory (for a base larger than one device). shard() reads rank 0's weights only: rank 0 builds
+the model on its CPU as one process would (load_pretrained, quantize_model, get_peft_model: the same adapter init),
+the other ranks build the same structure on the meta device (load_pretrained(device="meta") reads no weight;
+quantize_model and get_peft_model work there: no pickle, nothing sent but the weights), and shard() then makes every
+rank's tree meta, applies fully_shard, gives each rank its (uninitialised) shards on its device (to_empty) and fills
+them from rank 0, one tensor at a time (send/recv of each rank's rows; buffers broadcast). No rank but 0 ever holds
+a whole weight; rank 0's CPU copy is dropped as it goes (tests/test_distributed.py records every tensor rank 1
+makes). A model that every rank built whole (the tests' in-process runs) is sharded the same way, its values on
+ranks > 0 ignored. LoftQ (its start needs every weight) is refused under --fsdp.
+
+Not done: nccl and the bf16 policy have never run in the tests (CPU, gloo only).
 
 Failures: a rank that raises exits non-zero; torchrun then stops the others and exits non-zero with that rank's
 error (`minipeft finetune --nproc` prints it); nothing waits forever.
@@ -150,7 +158,10 @@ def check_shardable(model):
 
 def shard(model, device, bf16=None):
     """FSDP2 in place: each Block one unit, the root the rest; 4-bit layers' tensors sharded too (_shard_nf4).
-    bf16 (default: on CUDA) computes in bf16 and reduces in float32. Returns model (its class becomes
+    Every rank passes the same module tree, but only rank 0's weights are read: the others' may be on the meta
+    device (load_pretrained(device="meta"), then quantize_model / get_peft_model there). Each rank ends with its shards of rank 0's weights on `device`, received one tensor
+    at a time, so no rank but 0 ever holds a whole weight, and rank 0's whole copy (on its CPU, say) is freed as
+    it goes. bf16 (default: on CUDA) computes in bf16 and reduces in float32. Returns model (its class becomes
     FSDP<class>: still a Transformer or PeftModel)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -163,16 +174,52 @@ def shard(model, device, bf16=None):
     # FSDP2 warns that a Block's output is a view (an in-place op on it would skip the all-gather): no code here
     # writes into a Block's output in place, and the tests check every gradient against one process.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    if dist.get_rank() == 0:
+    main = dist.get_rank() == 0
+    if main:
         _PLAIN[model] = _skeleton(model)  # what gathered_model fills: the structure before sharding
     for m in model.modules():
         if isinstance(m, NF4Linear):
             _shard_nf4(m)
+    whole = {n: p.detach() for n, p in model.named_parameters()} if main else {}  # rank 0's weights, to send
+    buffers = {n: b.detach() for n, b in model.named_buffers()} if main else {}
+    _to_meta(model)  # every rank alike from here: the structure only
     base = getattr(model, "base_model", model)
     for layer in base.model.layers:
         fully_shard(layer, **kw)
     fully_shard(model, **kw)
+    model.to_empty(device=device)  # each rank's shards, uninitialised; filled from rank 0's weights:
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # (the same order on every rank; tied weights once)
+            _scatter_rows(whole.pop(name, None), p.to_local())
+        for name, b in model.named_buffers():  # (the rotary frequencies: not sharded, the same on every rank)
+            if main:
+                b.copy_(buffers[name])
+            dist.broadcast(b, 0)
     return model
+
+
+def _to_meta(model):  # every parameter replaced by one on the meta device (tied ones stay tied)
+    metas = {}
+    for m in model.modules():
+        for k, p in m._parameters.items():
+            if p is not None:
+                metas.setdefault(id(p), torch.nn.Parameter(p.detach().to("meta"), p.requires_grad))
+                m._parameters[k] = metas[id(p)]
+
+
+def _scatter_rows(full, local):
+    """Rank 0 sends rank r its rows of `full` (torch.chunk along dim 0, as FSDP2 shards; rank 0 keeps the first,
+    a short tensor leaves the last ranks none); every other rank receives into `local`, its shard."""
+    rank, n = dist.get_rank(), dist.get_world_size()
+    if rank != 0:
+        if local.numel():
+            dist.recv(local, 0)
+        return
+    rows = list(full.chunk(n)) + [full[:0]] * (n - len(full.chunk(n)))
+    for r in range(1, n):
+        if rows[r].numel():
+            dist.send(rows[r].to(local.device, local.dtype).contiguous(), r)
+    local.copy_(rows[0])
 
 
 # ------------------------------------------------------------------------------------- 4-bit layers under FSDP2
@@ -198,6 +245,11 @@ def _shard_nf4(layer):
     layer.qweight = q.to("meta")
     layer.forward = functools.partial(_nf4_forward, layer)
     layer.dequantize = functools.partial(_nf4_dequantize, layer)
+    layer._apply = functools.partial(_nf4_apply, layer)
+
+
+def _nf4_apply(layer, fn, recurse=True):  # .to(), .to_empty(): the parameters move; qweight stays on meta
+    return torch.nn.Module._apply(layer, fn, recurse)
 
 
 def _nf4_fields(q):  # the tensors this NF4Weight holds (offset and nested_* only when double-quantized)
@@ -324,6 +376,8 @@ class Parallel:
             check_shardable(model)
         if self.sharded and not dist.is_initialized():
             raise ValueError("TrainConfig.fsdp=True needs a process group: launch with torchrun (or --nproc N)")
+        if self.sharded and device.type == "meta":
+            raise ValueError("the model is on the meta device (a structure without weights): set TrainConfig.device")
         if self.sharded:
             shard(model, device)
         elif self.world > 1:

@@ -392,11 +392,21 @@ def quantize_model(model: nn.Module, blocksize: int = 64, double_quant: bool = T
     skipped = lambda name: name in skip_modules or name.rsplit(".", 1)[-1] in skip_modules  # noqa: E731
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and not skipped(name)]
     for _, linear in targets:
-        _check_weight(linear.weight)  # every weight checked before the first one is replaced
+        if not linear.weight.is_meta:
+            _check_weight(linear.weight)  # every weight checked before the first one is replaced
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, NF4Linear.from_linear(linear, blocksize, double_quant))
+        setattr(model.get_submodule(parent_name), child, _quantized(linear, blocksize, double_quant))
     return model
+
+
+def _quantized(linear, blocksize, double_quant):
+    """The NF4Linear of `linear`; of a Linear on the meta device (a structure without values), an empty one there:
+    the 4-bit sizes alone, as a loader's placeholder (distributed.py builds the other ranks' models so)."""
+    if not linear.weight.is_meta:
+        return NF4Linear.from_linear(linear, blocksize, double_quant)
+    kw = dict(bias=linear.bias is not None, dtype=linear.weight.dtype, device="meta")
+    return NF4Linear(linear.in_features, linear.out_features, blocksize=blocksize, double_quant=double_quant, **kw)
 
 
 def memory_report(model: nn.Module) -> dict:

@@ -247,6 +247,8 @@ def train(model, train_data, val_data, cfg, *, resume=False, on_save=None, on_be
         raise ValueError("the model has no trainable parameters (none has requires_grad=True): nothing to train")
     device = torch.device(cfg.device) if cfg.device else named[0][1].device
     off = [f"{n} ({p.device})" for n, p in named if p.device.type != device.type]
+    off = off if not cfg.fsdp else []  # (FSDP2: shard() puts each rank's shards on the device; rank 0 may load on
+    # its CPU and the other ranks hold only the structure, on the meta device: distributed.shard)
     if off:
         raise ValueError(f"TrainConfig.device is {device} but {off[0]} is not: move the model first, model.to()")
     n_ranks = distributed.world()[1]

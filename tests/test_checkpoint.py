@@ -569,3 +569,31 @@ def test_save_pretrained_puts_every_file_on_disk_before_it_becomes_visible(tmp_p
     files = sorted(f.name for f in (tmp_path / "out").iterdir())
     assert files and set(files) <= {p.name for p in synced if p.parent.name.startswith(".out.new-")}
     assert any(p.name.startswith(".out.new-") for p in synced) and tmp_path in synced  # the folder, then its parent
+
+
+def test_load_pretrained_on_meta_is_the_structure_without_reading_a_weight(monkeypatch, tmp_path):
+    """device="meta" (how FSDP2's other ranks build the model): the same names, shapes, dtypes and tie as the real
+    load, every tensor on meta, and no weight read (the reading step raises here); a saved 4-bit model gives its
+    4-bit layers, empty on meta; quantize_model and get_peft_model then work on it as on the real model."""
+    import minipeft as mp
+
+    real, tok = load_pretrained("tiny-shakespeare", dtype="bfloat16")
+    monkeypatch.setattr(checkpoint, "_assign", lambda *a: pytest.fail("a weight was read"))
+    meta, meta_tok = load_pretrained("tiny-shakespeare", dtype="bfloat16", device="meta")
+    shapes = lambda m: [(n, p.shape, p.dtype) for n, p in [*m.named_parameters(), *m.named_buffers()]]  # noqa: E731
+    assert shapes(meta) == shapes(real) and all(p.is_meta for p in meta.parameters())
+    assert meta.lm_head.weight is meta.model.embed_tokens.weight and meta_tok.encode("Shall I") == tok.encode("Shall I")
+    monkeypatch.undo()
+    four = tmp_path / "four"
+    save_pretrained(mp.quantize_model(real), four, tok)
+    q_real = mp.quantize_model(load_pretrained("tiny-shakespeare", dtype="bfloat16")[0])
+    monkeypatch.setattr(checkpoint, "_assign", lambda *a: pytest.fail("a weight was read"))
+    q_meta, _ = load_pretrained(four, device="meta")
+    fields = lambda m: [(n, f, getattr(x.qweight, f).shape, getattr(x.qweight, f).dtype)  # noqa: E731
+                        for n, x in checkpoint.nf4_layers(m).items() for f in ("packed", "absmax", "nested_absmax")]  # fmt: skip
+    assert fields(q_meta) == fields(q_real) and all(
+        x.qweight.packed.is_meta for x in checkpoint.nf4_layers(q_meta).values()
+    )
+    assert fields(mp.quantize_model(meta)) == fields(q_real)  # a meta model quantizes to the same 4-bit structure
+    peft = mp.get_peft_model(meta, mp.LoraConfig(r=4, target_modules="all-linear"))
+    assert all(p.is_meta for p in peft.parameters()) and peft.get_nb_trainable_parameters()[0] > 0

@@ -21,11 +21,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import minipeft.fast as fast
 import minipeft.train as train_module
 from minipeft.checkpoint import ASSETS, load_pretrained
-from minipeft.cli import main
+from minipeft.cli import main, weight_bytes
 from minipeft.data import load_text_dataset
 from minipeft.lora import LoraConfig
 from minipeft.model import ModelConfig, Transformer
@@ -156,13 +158,30 @@ def _worker(rank, tmp, port):
     # 5. and killed inside step 3, then resumed from its checkpoint at step 2
     killed_and_resumed(train_set, config(tmp / "fsdp-resumed", 2, fsdp=True), tmp / f"fsdp-resumed-rank{rank}.pt")
 
-    # 6. FSDP2 with QLoRA: the NF4 codes and their quantization state sharded (as uint8 parameters)
-    model = qlora_model()
-    metrics = train(model, train_set, val_set, config(tmp / "fsdp-qlora", 2, fsdp=True), on_save=save_adapter)
+    # 6. FSDP2 with QLoRA: the NF4 codes and their quantization state sharded (as bf16-held bytes), loaded with
+    # low memory: rank 0 builds the model, rank 1 only gets its structure (meta) and, in shard(), its shards;
+    # every tensor rank 1 allocates while it is sharded is recorded (shapes and bytes)
+    if rank == 0:
+        model = qlora_model()
+    else:  # the structure alone, built as `minipeft finetune --fsdp` builds it there (no weight read, no pickle)
+        with torch.device("meta"):
+            model = qlora_model()
+    before = sum(t.numel() * t.element_size() for t in model.parameters() if not t.is_meta)
+    allocated, plain_shard = [], distributed.shard
+
+    def recording(model, device, bf16=None):
+        with Allocations(allocated):
+            return plain_shard(model, device, bf16)
+
+    distributed.shard = recording
+    cfg = config(tmp / "fsdp-qlora", 2, fsdp=True, device="cpu")  # (the device: rank 1's model is on meta)
+    metrics = train(model, train_set, val_set, cfg, on_save=save_adapter)
+    distributed.shard = plain_shard
     full = distributed.gathered_model(model)
     held = {n: p.to_local().numel() * p.element_size() for n, p in model.named_parameters() if ".qweight_" in n}
     meta = [all(getattr(m.qweight, f).is_meta for f in FIELDS) for m in model.modules() if isinstance(m, NF4Linear)]
-    torch.save({"metrics": metrics, "bytes": held, "meta": meta}, tmp / f"fsdp-qlora-rank{rank}.pt")
+    loading = {"before": before, "allocated": allocated}
+    torch.save({"metrics": metrics, "bytes": held, "meta": meta, **loading}, tmp / f"fsdp-qlora-rank{rank}.pt")
     if rank == 0:
         save_file(nf4_state(full), tmp / "fsdp-qlora-base.safetensors")
 
@@ -172,6 +191,28 @@ def _worker(rank, tmp, port):
     if rank == 0:
         torch.save({"metrics": metrics}, tmp / "fsdp-qdora.pt")
     distributed.teardown()
+
+
+class Allocations(TorchDispatchMode):
+    """Every new memory an op makes (a tensor off the meta device whose storage none of the op's inputs holds: not
+    a view), as (op, shape, bytes), into a list."""
+
+    def __init__(self, into):
+        super().__init__()
+        self.into = into
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+
+        def tensors(xs):  # (a DTensor's memory is its local tensor's)
+            ts = [t._local_tensor if isinstance(t, DTensor) else t for t in xs if isinstance(t, torch.Tensor)]
+            return [t for t in ts if not t.is_meta]
+
+        held = {t.untyped_storage().data_ptr() for t in tensors([*args, *(kwargs or {}).values()])}
+        for t in tensors(out if isinstance(out, (tuple, list)) else [out]):
+            if t.untyped_storage().data_ptr() not in held:
+                self.into.append((str(func), tuple(t.shape), t.untyped_storage().nbytes()))
+        return out
 
 
 def killed_and_resumed(train_set, cfg, calls_file):
@@ -321,10 +362,11 @@ def test_fsdp_lora_equals_one_process(spawned, lora_reference):
 
 
 def test_fsdp_qlora_equals_one_process_and_each_rank_holds_half_of_the_4_bits(spawned):
-    """QLoRA under FSDP2 against one-process QLoRA with the same global batch: losses and the adapter, float64
-    (the NF4 base dequantized to float64, as tests/test_qlora.py: rel 1e-10); the 4-bit base rank 0 gathers equals
-    the one-process one byte for byte; each rank held half of the packed codes and half of the quantization state
-    (absmax, offset, nested_absmax, nested_code), and no other copy of them."""
+    """QLoRA under FSDP2, loaded with low memory (rank 1 only gets the structure, and its shards from rank 0),
+    against one-process QLoRA with the same global batch: losses and the adapter, float64 (the NF4 base dequantized
+    to float64, as tests/test_qlora.py: rel 1e-10); the 4-bit base rank 0 gathers equals the one-process one byte
+    for byte; each rank held half of the packed codes and half of the quantization state (absmax, offset,
+    nested_absmax, nested_code), and no other copy of them; rank 1 never made more than its half of the model."""
     train_set, val_set = data(spawned)
     model = qlora_model()
     ref = train(model, train_set, val_set, config(spawned / "ref-qlora", 4), on_save=save_adapter)
@@ -356,6 +398,16 @@ def test_fsdp_qlora_equals_one_process_and_each_rank_holds_half_of_the_4_bits(sp
     for field in FIELDS:  # (every tensor here has an even byte count: exactly half each)
         assert [total(held[r], field) for r in range(WORLD)] == [total(whole, field) / 2] * WORLD, field
     assert all(all(g["meta"]) and len(g["meta"]) == 2 * 7 for g in got)
+    # loaded with low memory: rank 1 held no weight before sharding; while sharding it made (as new memory) no
+    # tensor larger than its half of the largest weight (the embeddings, 64 x 32 float64), and about half of the
+    # model's bytes in all: measured 0.65 (35,866 of 54,928), of which 0.15 is its half of the tied embeddings made
+    # twice (to_empty makes a tensor for each module that holds it; the second replaces the first)
+    made = [size for _, _, size in got[1]["allocated"]]
+    whole_bytes = weight_bytes(model)  # the one-process model's weights, the 4-bit codes and state included
+    largest = max(p.numel() * p.element_size() for p in model.parameters())
+    assert got[1]["before"] == 0 and got[0]["before"] > 0
+    assert max(made) == largest // 2
+    assert 0.5 * whole_bytes < sum(made) < 0.7 * whole_bytes
 
 
 def test_fsdp_qlora_with_dora_equals_one_process(spawned):
@@ -389,6 +441,10 @@ def test_fsdp_refuses_adapters_it_does_not_shard(spawned):
     [
         (["--fsdp", "--method", "prefix"], "--fsdp shards --method full, lora or qlora, not --method prefix"),
         (["--fsdp", "--method", "full"], "--fsdp shards over several processes: add --nproc N"),
+        (
+            ["--nproc", "2", "--fsdp", "--method", "qlora", "--no-double-quant", "--init-lora-weights", "loftq"],
+            "--fsdp loads the other ranks without weights, which LoftQ's start needs",
+        ),  # fmt: skip
         (["--nproc", "3", "--global-batch", "8"], "--global-batch 8 is not divisible by 3 processes"),
         (["--nproc", "2", "--global-batch", "8", "--batch-size", "2"], "give --global-batch or --batch-size"),
         (["--nproc", "2", "--device", "cuda"], "needs a CUDA GPU and none is available"),
