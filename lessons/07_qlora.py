@@ -396,8 +396,8 @@ del probe
 # * the MLP keeps gate's output, silu(gate) and up's output in bf16: $3 \times 2I$.
 #
 # A frozen 4-bit layer keeps nothing (section 2). Outside the blocks: the final norm, the chunked loss's gradient
-# of the hidden states (bf16, computed in forward) with its mask, and RoPE's cos and sin. And the very first norm
-# keeps nothing: its input, the output of the frozen embedding, needs no gradient.
+# of the hidden states (bf16, computed in forward), and RoPE's cos and sin. And the very first norm keeps nothing:
+# its input, the output of the frozen embedding, needs no gradient.
 #
 # With **activation checkpointing** (`fast.checkpoint_blocks`) each block keeps only its bf16 input; backward
 # recomputes one block at a time, so the activations of a single block exist again at once.
@@ -419,7 +419,7 @@ def block_activation_bytes(D, I, H, r, kv):
 def activation_bytes(D, I, L, H, r, batch, seq, checkpointing=False, kv=None):
     kv, T = kv or D, batch * seq
     block = block_activation_bytes(D, I, H, r, kv)
-    outside = T * (4 * D + 4) + batch * (seq - 1) * (2 * D + 1) + 2 * T * (D // H) * 2  # norm; loss; cos, sin
+    outside = T * (4 * D + 4) + batch * (seq - 1) * 2 * D + 2 * T * (D // H) * 2  # norm; loss; cos, sin
     if checkpointing:  # every block's bf16 input, and one block recomputed in backward
         return L * T * 2 * D + T * block + outside
     return L * T * block - T * (4 * D + 4) + outside  # (the first norm keeps nothing)

@@ -95,17 +95,17 @@ def test_the_reference_loss_with_no_logits_asked_equals_the_logits_path():
     torch.testing.assert_close(fast.chunked_loss(model)(ids, labels=ids, return_logits=False).loss, plain)
 
 
-def test_compiled_4bit_blocks_compile_once_for_every_layer(monkeypatch):
+def test_compiled_4bit_blocks_compile_once_for_every_layer():
     """compile_blocks on a QLoRA model deeper than dynamo's recompile limit (8): the 4-bit layers' forward is one
     function for every layer, so no Block recompiles (a per-layer callable made each one recompile, and past 8
     layers the rest silently ran eager: 135M QLoRA with CUDA graphs fell from 132k to 18k tokens/s on an H200)."""
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)  # the limit raises, not falls back
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)  # 3 layers: a variant per layer would be 3
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = Transformer(tiny_config(num_hidden_layers=3))
     model = get_peft_model(quantize_model(model, blocksize=64), LoraConfig(r=4, target_modules="all-linear"))
     fast.compile_blocks(model).train()
     ids = torch.randint(0, model.config.vocab_size, (2, 8))
-    model(input_ids=ids, labels=ids).loss.backward()  # raises FailOnRecompileLimitHit if a layer recompiled
+    # 3 layers: a variant per layer would be 3; past the limit dynamo raises instead of falling back to eager
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        model(input_ids=ids, labels=ids).loss.backward()
     torch._dynamo.reset()
