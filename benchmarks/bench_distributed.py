@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 from harness import ALPHA, SHAPES, R, model_config  # noqa: E402
+from harness import LORA_TARGETS as TARGETS  # noqa: E402
 
 import minipeft as mp  # noqa: E402
 from minipeft import distributed  # noqa: E402
@@ -38,8 +39,6 @@ from minipeft.data import Dataset  # noqa: E402
 from minipeft.train import train  # noqa: E402
 
 CONFIGS = {name: dict(cfg=model_config(name), batch=s["batch"], seq=s["seq"]) for name, s in SHAPES.items()}
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TARGETS = {"lora_qv": ["q_proj", "v_proj"], "lora_all": ALL_LINEAR, "qlora": ALL_LINEAR}
 
 
 BUILT = {}

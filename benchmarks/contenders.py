@@ -30,7 +30,7 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from harness import ALPHA, BOTTLENECK, DTYPE, IA3_TARGETS, SHAPES, P, R, Trainee, model_config
+from harness import ALPHA, BOTTLENECK, DTYPE, IA3_TARGETS, LORA_TARGETS, SHAPES, P, R, Trainee, model_config
 
 import minipeft as mp
 from minipeft import fast  # the speed seam: every lever of the library
@@ -219,13 +219,6 @@ def hf_liger(env, method):
     return hf_trainee(env, method)
 
 
-UNSLOTH_TARGETS = {
-    "lora_qv": ["q_proj", "v_proj"],
-    "lora_all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
-UNSLOTH_TARGETS["qlora"] = UNSLOTH_TARGETS["lora_all"]  # fmt: skip
-
-
 def unsloth_import():
     """import unsloth, offline and without its usage statistics (it must come before transformers)."""
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "UNSLOTH_DISABLE_STATISTICS"):
@@ -240,7 +233,7 @@ def unsloth(env, method, checkpointing=False):
     beside it; load_in_4bit for QLoRA: bitsandbytes NF4 with double quantization; full_finetuning=True for full),
     then FastLanguageModel.get_peft_model. checkpointing: its own offloaded gradient checkpointing ("unsloth", its
     default), else none. Unsloth patches transformers when imported: a process of its own (APART), imported first."""
-    if method not in ("full", *UNSLOTH_TARGETS):
+    if method not in ("full", *LORA_TARGETS):
         return None
     FastLanguageModel = unsloth_import().FastLanguageModel
 
@@ -252,7 +245,7 @@ def unsloth(env, method, checkpointing=False):
     )  # fmt: skip
     if method != "full":
         model = FastLanguageModel.get_peft_model(model, r=R, lora_alpha=ALPHA, lora_dropout=0.0, bias="none",
-                                                 target_modules=UNSLOTH_TARGETS[method], use_gradient_checkpointing=gc)  # fmt: skip
+                                                 target_modules=LORA_TARGETS[method], use_gradient_checkpointing=gc)  # fmt: skip
     return trainee(env, model)
 
 

@@ -57,6 +57,8 @@ def model_config(shape):
 
 METHODS = ["full", "lora_qv", "lora_all", "qlora", "prefix", "prompt", "adapter", "ia3"]
 R, ALPHA, P, BOTTLENECK = 16, 32, 20, 64  # LoRA rank and alpha, virtual tokens, adapter bottleneck
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # but lm_head
+LORA_TARGETS = {"lora_qv": ["q_proj", "v_proj"], "lora_all": ALL_LINEAR, "qlora": ALL_LINEAR}  # for named-list APIs
 IA3_TARGETS = ["k_proj", "v_proj", "down_proj"]  # PEFT's IA3 targets for Llama (down_proj: its input scaled)
 DTYPE = torch.bfloat16
 LOSS_TOL = 2e-4  # relative: bf16 steps of one model agree to ~1e-4 of the loss (1B prefix: 0.00101 at 12.15)
