@@ -126,6 +126,28 @@ def hf_run(args, device, ids):
     return out, {"loss": loss}
 
 
+def profiled(run, args, rank):
+    """run under torch.profiler, stepped by every optimizer step: steps warmup+1 .. warmup+3 are recorded; the
+    table (kernels and ops by device time) goes to PREFIX.rankN.txt."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    def wrapped(*a):
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with profile(activities=acts, schedule=schedule(wait=args.warmup, warmup=1, active=3)) as prof:
+            hook = register_optimizer_step_post_hook(lambda *_: prof.step())
+            try:
+                result = run(*a)
+            finally:
+                hook.remove()
+        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
+        with open(f"{args.profile}.rank{rank}.txt", "w") as f:
+            f.write(f"{args.impl} {args.method} fsdp={args.fsdp} compile={args.compile}: 3 steps\n{table}\n")
+        return result
+
+    return wrapped
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="llama-1b", choices=list(CONFIGS))
@@ -139,6 +161,9 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--out", default=None)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run (gloo)")
+    ap.add_argument("--profile", default=None, metavar="PREFIX",
+                    help="torch.profiler over 3 steps after --warmup: each rank's table of kernels by device time "
+                    "to PREFIX.rankN.txt")  # fmt: skip
     args = ap.parse_args(argv)
     args.compile = {None: False, "default": True}.get(args.compile, args.compile)
     args.batch, args.seq = args.batch or CONFIGS[args.shape]["batch"], args.seq or CONFIGS[args.shape]["seq"]
@@ -150,7 +175,8 @@ def main(argv=None):
     g = torch.Generator().manual_seed(1)
     n = args.batch * world * args.steps
     ids = torch.randint(0, CONFIGS[args.shape]["cfg"]["vocab_size"], (n, args.seq), generator=g)
-    per_step, extra = (minipeft_run if args.impl == "minipeft" else hf_run)(args, device, ids)
+    run = minipeft_run if args.impl == "minipeft" else hf_run
+    per_step, extra = profiled(run, args, rank)(args, device, ids) if args.profile else run(args, device, ids)
     peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0], device=device)
     peaks = [torch.zeros_like(peak) for _ in range(world)]
     if world > 1:

@@ -6,6 +6,8 @@ method it does not cover).
     minipeft_graphs   + fast.compile_blocks(model, mode="reduce-overhead")  CUDA graphs: compile="reduce-overhead"
     minipeft_oib      + compiled, fast.step_in_backward(optimizer)          + optimizer_in_backward=True
     minipeft_gc       + compiled, fast.checkpoint_blocks(model)             finetune --compile --grad-checkpoint
+    minipeft_offload  + compiled, checkpoint_blocks(model, offload=True)    finetune --compile --grad-checkpoint offload
+    minipeft_lowmem   minipeft_offload + step_in_backward + loss chunks of ~64 MB (chunked_loss(chunk=...)): least memory
     hf                transformers + peft as shipped (eager); not QLoRA
     hf_bnb            transformers + peft + bitsandbytes: QLoRA only
     hf_compile        hf (hf_bnb for QLoRA) with torch.compile of each decoder layer, as compile_blocks does ours
@@ -123,12 +125,15 @@ def minipeft_model(env, method):
     return mp.get_peft_model(mp.quantize_model(base) if method == "qlora" else base, config)
 
 
-def _apply_levers(model, optimizer, compile=None, checkpoint=False, in_backward=False):
+def _apply_levers(model, optimizer, compile=None, checkpoint=False, in_backward=False, chunk_logits=None):
     """The library's speed levers (minipeft.fast), the one place that calls them; returns the optimizer's hooks.
-    `compile`: torch.compile options ({} for the defaults), None for no compile."""
-    fast.chunked_loss(model)  # train()'s default (TrainConfig.chunked_loss): the loss without (B, T, V) logits
+    `compile`: torch.compile options ({} for the defaults), None for no compile; checkpoint: True or "offload";
+    chunk_logits: logits per loss chunk (None: fast.default_chunk, 2**26)."""
+    vocab = getattr(model, "base_model", model).config.vocab_size
+    chunk = max(64, chunk_logits // vocab) if chunk_logits else None
+    fast.chunked_loss(model, chunk=chunk)  # train()'s default (TrainConfig.chunked_loss): no (B, T, V) logits
     if checkpoint:
-        fast.checkpoint_blocks(model)
+        fast.checkpoint_blocks(model, offload=checkpoint == "offload")
     if compile is not None:
         fast.compile_blocks(model, **compile)
     return fast.step_in_backward(optimizer) if in_backward else []
@@ -255,6 +260,8 @@ MINIPEFT = {  # contender -> its levers
     "minipeft_graphs": dict(compile={"mode": "reduce-overhead"}),
     "minipeft_oib": dict(compile={}, in_backward=True),
     "minipeft_gc": dict(compile={}, checkpoint=True),
+    "minipeft_offload": dict(compile={}, checkpoint="offload"),
+    "minipeft_lowmem": dict(compile={}, checkpoint="offload", in_backward=True, chunk_logits=2**24),
 }
 CONTENDERS = {name: functools.partial(minipeft, **levers) for name, levers in MINIPEFT.items()}
 CONTENDERS.update(hf=hf, hf_bnb=hf_bnb, hf_compile=functools.partial(hf_trainee, compile={}),

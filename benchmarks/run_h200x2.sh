@@ -3,6 +3,9 @@
 #   bash benchmarks/run_h200x2.sh anchors NAME   the 135M and 1B rows against every anchor, one shape per GPU, at once
 #   bash benchmarks/run_h200x2.sh scaling        bench_distributed.py: 1B on 1 and 2 GPUs, minipeft and HF + accelerate
 #   bash benchmarks/run_h200x2.sh 7b             FSDP2 per-GPU memory at 7B (full, QLoRA); HF + accelerate FSDP2 at 1B
+#   bash benchmarks/run_h200x2.sh link           the GPUs' topology and NCCL all-reduce bandwidth (allreduce.py)
+#   bash benchmarks/run_h200x2.sh cli            `minipeft finetune --method qlora --fsdp` on 2 GPUs against 1 GPU
+#   bash benchmarks/run_h200x2.sh profile        1B LoRA all (DDP) and full (FSDP2) on 1 and 2 GPUs, profiled
 # Results and logs go to $OUT (the lent machine's output folder) or /tmp/out.
 set -u
 out=${OUT:-/tmp/out}; mkdir -p "$out"
@@ -40,6 +43,20 @@ scaling)
   CUDA_VISIBLE_DEVICES=1 python $D --shape llama-7b --method full --compile default --steps 8 --warmup 3 --out "$j" &
   wait
   $T $D --impl hf --method full --fsdp --out "$j" ;;
+link)
+  nvidia-smi topo -m > "$out/topo.txt" 2>&1
+  NCCL_DEBUG=INFO $T benchmarks/allreduce.py --out "$out/allreduce.jsonl" > "$out/allreduce.log" 2>&1 ;;
+cli)  # the bundled model and text, 5 steps: sharded (rank 0 builds on its CPU, rank 1 on meta) and one GPU
+  F="python -m minipeft.cli finetune --method qlora --device cuda --steps 5 --eval-every 5 --no-samples"
+  $F --nproc 2 --fsdp --out /tmp/cli-fsdp > "$out/cli-fsdp.log" 2>&1; echo "fsdp exit $?" >> "$out/cli-fsdp.log"
+  $F --out /tmp/cli-one > "$out/cli-one.log" 2>&1; echo "one exit $?" >> "$out/cli-one.log" ;;
+profile)
+  P="$D --steps 8 --warmup 4 --compile default"
+  CUDA_VISIBLE_DEVICES=0 python $P --method lora_all --profile "$out/prof-lora-1" > "$out/prof-lora-1.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 python $P --method full --profile "$out/prof-full-1" > "$out/prof-full-1.log" 2>&1 &
+  wait
+  $T $P --method lora_all --profile "$out/prof-lora-2" > "$out/prof-lora-2.log" 2>&1
+  $T $P --method full --fsdp --profile "$out/prof-fsdp-2" > "$out/prof-fsdp-2.log" 2>&1 ;;
 qlora7b)  # 7B QLoRA under FSDP2 against one GPU
   j="$out/qlora7b.jsonl"
   $T $D --shape llama-7b --method qlora --fsdp --steps 8 --warmup 3 --out "$j"

@@ -134,7 +134,9 @@ def build_parser():
                    help="stop after N evaluations without a new best held-out loss")  # fmt: skip
     g.add_argument("--save-every", type=nonneg_int, default=0)
     g.add_argument("--seed", type=nonneg_int, default=0)
-    g.add_argument("--grad-checkpoint", action="store_true", help="recompute blocks in backward: less memory")
+    g.add_argument("--grad-checkpoint", nargs="?", const="on", default=None, choices=["on", "offload"],
+                   help="recompute blocks in backward: less memory; offload: keep each block's input in CPU memory "
+                   "until then, as Unsloth's offloaded checkpointing (least GPU memory)")  # fmt: skip
     g.add_argument("--optimizer-in-backward", action="store_true",
                    help="step each parameter inside backward and free its gradient: less memory (full fine-tuning); "
                    "no gradient clipping, needs --grad-accum 1")  # fmt: skip
@@ -581,7 +583,10 @@ def _finetune(args, device=None, check_only=False):
     if config is not None:
         model = get_peft_model(model, config, tokenizer=tokenizer)
         model.print_trainable_parameters()
-    getattr(model, "base_model", model).gradient_checkpointing = args.grad_checkpoint
+    if args.grad_checkpoint:
+        from . import fast
+
+        fast.checkpoint_blocks(model, offload=args.grad_checkpoint == "offload")
     prompt = held_out_prompt(val_data)
     before_text = None if args.no_samples or rank else sample(model, tokenizer, prompt, where)
 

@@ -6,6 +6,7 @@ equal to the reference path (tests/test_fast.py: loss, gradients, weights after 
 
     fast.compile_blocks(model, mode=None, **options)   each Block through torch.compile while training
     fast.checkpoint_blocks(model, enabled=True)        recompute each Block in backward (activation checkpointing)
+    fast.checkpoint_blocks(model, offload=True)        ... and keep each Block's input in CPU memory till then
     fast.chunked_loss(model, enabled=True)             the training loss straight from the hidden states, in chunks
     fast.step_in_backward(optimizer)                   step each parameter inside backward, free its gradient
     fast.Engine(model, optimizer, cfg)                 what train() asks for, from its TrainConfig
@@ -20,7 +21,8 @@ Why each pays, in one line:
 - compile: inductor fuses RMSNorm, RoPE, SwiGLU and the adapters' small ops into a few kernels and keeps fewer
   activations; mode="reduce-overhead" adds CUDA graphs (one launch per graph: small or LoRA-all models are
   host-bound without them). Past torch._dynamo.config.recompile_limit (8) variants it falls back to eager.
-- checkpoint: keeps one tensor per block instead of its activations, for ~30% more compute.
+- checkpoint: keeps one tensor per block instead of its activations, for ~30% more compute; offload=True moves
+  that tensor to (pinned) CPU memory until backward needs it, so no activation of any block waits on the GPU.
 - chunked loss: at V = 128k and 4k tokens the float32 logits alone take 2 GiB and the loss's softmax as much
   again; in chunks of ~256 MB, with the gradient computed in forward, the (N, V) logits never exist. After
   compile_blocks each chunk's softmax and gradient run as one compiled pass (fused).
@@ -55,8 +57,24 @@ def _block_forward(layer, *args):
     fast = layer._fast
     fn = fast["compiled"] if layer.training and fast["compiled"] is not None else fast["plain"]
     if fast["checkpoint"] and layer.training and torch.is_grad_enabled():
+        if fast["checkpoint"] == "offload":  # the checkpoint saves its inputs as saved tensors: these hooks move them
+            with torch.autograd.graph.saved_tensors_hooks(_to_host, _to_device):
+                return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
         return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
+
+
+def _to_host(t):
+    """A saved tensor copied to CPU memory (pinned from a GPU, so the copy does not wait for the host). The copy
+    is queued on the stream that computes, so the GPU tensor's memory is reused only after it is read."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+    host.copy_(t, non_blocking=True)
+    return t.device, host
+
+
+def _to_device(packed):  # in backward: back where it was, queued on the same stream (no wait for the host)
+    device, host = packed
+    return host.to(device, non_blocking=True)
 
 
 def _levers(layer):
@@ -80,10 +98,11 @@ def compile_blocks(model, **options):
     return model
 
 
-def checkpoint_blocks(model, enabled=True):
-    """Recompute each Block in backward instead of keeping its activations (while training). Returns model."""
+def checkpoint_blocks(model, enabled=True, offload=False):
+    """Recompute each Block in backward instead of keeping its activations (while training); offload=True keeps
+    the one tensor each Block saves (its input) in CPU memory until backward. Returns model."""
     for layer in blocks(model):
-        _levers(layer)["checkpoint"] = enabled
+        _levers(layer)["checkpoint"] = "offload" if enabled and offload else bool(enabled)
     return model
 
 
@@ -121,22 +140,24 @@ def _nf4_forward(layer, x):
 # ------------------------------------------------------------------------------------------- the chunked loss
 
 
-def chunked_loss(model, enabled=True):
+def chunked_loss(model, enabled=True, chunk=None):
     """Compute the training loss (forward with labels and return_logits=False) from the hidden states in chunks,
-    never holding the (B, T, V) logits: ChunkedCrossEntropy below. Returns model."""
+    never holding the (B, T, V) logits: ChunkedCrossEntropy below. chunk: rows per chunk (default_chunk: ~256 MB
+    of float32 logits; fewer rows, less memory, more launches). Returns model."""
     base = getattr(model, "base_model", model)
     if enabled:
-        base.hidden_loss = functools.partial(_chunked_hidden_loss, base, type(base).hidden_loss.__get__(base))
+        plain = type(base).hidden_loss.__get__(base)
+        base.hidden_loss = functools.partial(_chunked_hidden_loss, base, plain, chunk=chunk)
     else:
         base.__dict__.pop("hidden_loss", None)
     return model
 
 
-def _chunked_hidden_loss(model, plain, hidden, labels):
+def _chunked_hidden_loss(model, plain, hidden, labels, chunk=None):
     if type(model.lm_head) is not nn.Linear:  # an adapted (or quantized) head: its own forward, plainly
         return plain(hidden, labels)
     fused = model.training and getattr(model, "fused_loss", False)  # compiled chunks only where blocks are compiled
-    return chunked_causal_lm_loss(hidden, model.lm_head.weight, labels, fused=fused)
+    return chunked_causal_lm_loss(hidden, model.lm_head.weight, labels, chunk, fused=fused)
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):

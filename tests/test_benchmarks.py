@@ -23,16 +23,18 @@ def importable(*names):
 
 def test_bench_finetune_quick_minipeft_contenders(tmp_path):
     """--quick on the CPU with minipeft's contenders (eager; compiled; compiled + the optimizer stepped in backward;
-    compiled + activation checkpointing): every contender trains the closed-form number of parameters and starts
+    compiled + activation checkpointing, also offloaded, also with the optimizer in backward and small loss chunks):
+    every contender trains the closed-form number of parameters and starts
     from the same loss, so the row passes the parity check; the levers train to the compiled contender's weights
     (its last loss); the JSON and the markdown hold every contender and the generation extra."""
     cmd = [sys.executable, str(BENCH / "bench_finetune.py"), "--quick", "--device", "cpu", "--out", str(tmp_path),
-           "--name", "q", "--contenders", "minipeft", "--switches", "compile,compile_oib,compile_gc",
+           "--name", "q", "--contenders", "minipeft", "--switches",
+           "compile,compile_oib,compile_gc,minipeft_offload,minipeft_lowmem",
            "--methods", "lora_all", "--extras", "generation"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res, md = json.loads((tmp_path / "q.json").read_text()), (tmp_path / "q.md").read_text()
-    names = ["minipeft", "minipeft_compile", "minipeft_oib", "minipeft_gc"]
+    names = ["minipeft", "minipeft_compile", "minipeft_oib", "minipeft_gc", "minipeft_offload", "minipeft_lowmem"]
     (row,) = res["rows"]
     assert res["contenders"] == names and row["method"] == "lora_all" and list(row["results"]) == names
     assert row["failed"] == [], row["failed"]
@@ -42,10 +44,10 @@ def test_bench_finetune_quick_minipeft_contenders(tmp_path):
     assert {x["trainable_params"] for x in r.values()} == {trainable}
     first = [x["loss_first"] for x in r.values()]
     assert max(first) - min(first) <= 1e-3 and all(x["tokens_per_s"] > 0 for x in r.values())
-    for lever in ("minipeft_oib", "minipeft_gc"):
+    for lever in ("minipeft_oib", "minipeft_gc", "minipeft_offload", "minipeft_lowmem"):
         assert r[lever]["loss_last"] == pytest.approx(r["minipeft_compile"]["loss_last"], rel=1e-5), lever
     assert r["minipeft_oib"]["loss_last"] < r["minipeft_oib"]["loss_first"]  # the in-backward steps happened
-    assert md.count("| lora_all | minipeft") == 4 and "FAILED" not in md
+    assert md.count("| lora_all | minipeft") == 6 and "FAILED" not in md
     assert res["generation"]["minipeft_base"] > 0 and "## Generation (tiny" in md
 
 

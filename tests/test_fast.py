@@ -44,8 +44,8 @@ def build(method):
 
 def run(method, data, **levers):
     model = build(method)
-    if levers.pop("checkpoint", False):
-        fast.checkpoint_blocks(model)
+    if checkpoint := levers.pop("checkpoint", False):
+        fast.checkpoint_blocks(model, offload=checkpoint == "offload")
     if backend := levers.pop("backend", None):
         fast.compile_blocks(model, backend=backend)
     cfg = TrainConfig(steps=3, lr=1e-2, batch_size=4, log_every=1, progress=False, **levers)
@@ -73,6 +73,40 @@ def test_every_lever_trains_every_method_like_the_reference(data, method):
     assert in_backward[0] == pytest.approx(plain[0], rel=1e-12)
     for n, w in plain[2].items():
         assert torch.allclose(in_backward[2][n], w, rtol=1e-9, atol=1e-12), (n, (in_backward[2][n] - w).abs().max())
+
+
+def test_offloaded_checkpoint_keeps_each_block_input_on_the_host_and_changes_nothing(data, monkeypatch):
+    """checkpoint_blocks(offload=True): the tensor each checkpointed Block saves (its input) goes to the host in
+    forward (fast._to_host, once per Block and micro-batch) and comes back for the recompute in backward; the run
+    equals the reference exactly (float64: loss, gradient norm and weights)."""
+    ref = run("lora", data, chunked_loss=False)
+    moved, back = [], []
+    to_host, to_device = fast._to_host, fast._to_device
+    monkeypatch.setattr(fast, "_to_host", lambda t: moved.append(tuple(t.shape)) or to_host(t))
+    monkeypatch.setattr(fast, "_to_device", lambda packed: back.append(packed[1].shape) or to_device(packed))
+    losses, norms, weights, model = run("lora", data, checkpoint="offload")
+    layers, steps, hidden = len(fast.blocks(model)), 3, (4, 16, model.config.hidden_size)  # 3 steps of 4 rows x 16
+    assert moved.count(hidden) == layers * steps and len(back) == len(moved)
+    assert model.base_model.gradient_checkpointing
+    assert losses == pytest.approx(ref[0], rel=1e-12) and norms == pytest.approx(ref[1], rel=1e-10)
+    for n, w in ref[2].items():
+        assert torch.allclose(weights[n], w, rtol=1e-9, atol=1e-12), (n, (weights[n] - w).abs().max())
+
+
+def test_a_smaller_loss_chunk_gives_the_same_loss_and_gradients():
+    model = build("full")
+    ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for chunk in (None, 3):
+        fast.chunked_loss(model, chunk=chunk)
+        model.zero_grad()
+        loss = model(ids, labels=ids, return_logits=False).loss
+        loss.backward()
+        grads.append(
+            (loss.detach(), model.lm_head.weight.grad.clone(), model.model.layers[0].mlp.up_proj.weight.grad.clone())
+        )
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 def test_reset_takes_every_lever_off(data):
