@@ -204,10 +204,13 @@ def run_row(env, method, contenders, warmup, steps, profile=False, measured_apar
     for name, build in contenders.items():
         torch.compiler.reset()  # fresh caches: past 8 variants of the one Block.forward dynamo silently runs eager
         free(env.device)
+        left = torch.cuda.memory_allocated() / 2**30 if env.device.type == "cuda" else 0.0
+        if left > 0.05:  # a contender before this one did not free its model: this one's peak counts it too
+            print(f"WARNING {env.shape} {method} {name}: {left:.2f} GiB still allocated before it is built")
         try:
             trainee = build(env, method)  # None: a method this contender does not cover (hf_bnb: QLoRA only)
             if trainee is not None:
-                results[name] = measure(trainee, env.device, warmup, steps, profile)
+                results[name] = dict(measure(trainee, env.device, warmup, steps, profile), leftover_gib=left)
         except Exception as e:  # noqa: BLE001  one failing contender must not stop the others
             results[name] = dict(error=f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}")
         trainee = None  # freed before the next one is built

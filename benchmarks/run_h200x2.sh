@@ -5,6 +5,7 @@
 #   bash benchmarks/run_h200x2.sh 7b             FSDP2 per-GPU memory at 7B (full, QLoRA); HF + accelerate FSDP2 at 1B
 #   bash benchmarks/run_h200x2.sh link           the GPUs' topology and NCCL all-reduce bandwidth (allreduce.py)
 #   bash benchmarks/run_h200x2.sh cli            `minipeft finetune --method qlora --fsdp` on 2 GPUs against 1 GPU
+#   bash benchmarks/run_h200x2.sh mem NAME       GPU 0: QLoRA at 7B (1x512, 1x4096) vs Unsloth; GPU 1: 135M and 1B rows
 #   bash benchmarks/run_h200x2.sh profile        1B LoRA all (DDP) and full (FSDP2) on 1 and 2 GPUs, profiled
 # Results and logs go to $OUT (the lent machine's output folder) or /tmp/out.
 set -u
@@ -50,6 +51,13 @@ cli)  # the bundled model and text, 5 steps: sharded (rank 0 builds on its CPU, 
   F="python -m minipeft.cli finetune --method qlora --device cuda --steps 5 --eval-every 5 --no-samples"
   $F --nproc 2 --fsdp --out /tmp/cli-fsdp > "$out/cli-fsdp.log" 2>&1; echo "fsdp exit $?" >> "$out/cli-fsdp.log"
   $F --out /tmp/cli-one > "$out/cli-one.log" 2>&1; echo "one exit $?" >> "$out/cli-one.log" ;;
+mem)  # the memory contenders: ANCHORS (default below), every method at 135M and 1B, QLoRA at 7B
+  A=${ANCHORS:-unsloth_gc,minipeft_offload,minipeft_lowmem}
+  CUDA_VISIBLE_DEVICES=0 $B --steps 4 --warmup 2 --shapes llama-7b,llama-7b-4k --methods qlora --contenders $A \
+    --switches none --out "$out" --name "$2-7b" > "$out/$2-7b.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 $B --shapes smollm2-135m,llama-1b --methods $METHODS --contenders $A --switches none \
+    --out "$out" --name "$2" > "$out/$2.log" 2>&1 &
+  wait ;;
 profile)
   P="$D --steps 8 --warmup 4 --compile default"
   CUDA_VISIBLE_DEVICES=0 python $P --method lora_all --profile "$out/prof-lora-1" > "$out/prof-lora-1.log" 2>&1 &

@@ -35,6 +35,7 @@ Why each pays, in one line:
 import dataclasses
 import functools
 import types
+import weakref
 
 import torch
 import torch.nn as nn
@@ -252,10 +253,16 @@ def step_in_backward(optimizer):
     """Hooks that run optimizer.step() for each parameter as soon as backward has accumulated its gradient, then
     free the gradient. At that moment it is the only parameter with a gradient (those before it were freed, those
     after it are not computed yet), and torch's AdamW skips parameters without one: the step updates exactly it,
-    with its own state and its group's lr. Returns the hook handles: .remove() them when training ends."""
+    with its own state and its group's lr. Returns the hook handles: .remove() them when training ends.
+
+    The hooks hold the optimizer weakly: a parameter's hooks live in C++, where Python's collector cannot see a
+    cycle (parameter -> hook -> optimizer -> parameter), so a strong reference would keep the model and the
+    optimizer's state alive forever once the caller drops them without removing the hooks."""
+    ref = weakref.ref(optimizer)
 
     def hook(p):
-        optimizer.step()
+        if (opt := ref()) is not None:
+            opt.step()
         p.grad = None
 
     return [p.register_post_accumulate_grad_hook(hook) for g in optimizer.param_groups for p in g["params"]]
