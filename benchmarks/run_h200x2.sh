@@ -1,7 +1,7 @@
 #!/bin/bash
 # The GPU runs of benchmarks/README.md on one host with two H200s: each process alone on its GPU.
 #   bash benchmarks/run_h200x2.sh anchors NAME   the 135M and 1B rows against every anchor, one shape per GPU, at once
-#   bash benchmarks/run_h200x2.sh scaling        bench_distributed.py: 1B on 1 and 2 GPUs, minipeft and HF + accelerate
+#   bash benchmarks/run_h200x2.sh scaling        bench_distributed.py: 1B on 1 and 2 GPUs, minipeft and HF + accelerate (HF=0: not HF)
 #   bash benchmarks/run_h200x2.sh 7b             FSDP2 per-GPU memory at 7B (full, QLoRA); HF + accelerate FSDP2 at 1B
 #   bash benchmarks/run_h200x2.sh link           the GPUs' topology and NCCL all-reduce bandwidth (allreduce.py)
 #   bash benchmarks/run_h200x2.sh cli            `minipeft finetune --method qlora --fsdp` on 2 GPUs against 1 GPU
@@ -31,6 +31,7 @@ scaling)
   $T $D --method lora_all --compile default --out "$j"
   $T $D --method full --fsdp --compile default --out "$j"
   $T $D --method full --compile default --out "$j"
+  [ "${HF:-1}" = 0 ] && exit  # HF=0: minipeft's rows alone
   CUDA_VISIBLE_DEVICES=0 python $D --impl hf --method lora_all --out "$j" &
   CUDA_VISIBLE_DEVICES=1 python $D --impl hf --method full --out "$j" &
   wait
@@ -51,8 +52,8 @@ cli)  # the bundled model and text, 5 steps: sharded (rank 0 builds on its CPU, 
   F="python -m minipeft.cli finetune --method qlora --device cuda --steps 5 --eval-every 5 --no-samples"
   $F --nproc 2 --fsdp --out /tmp/cli-fsdp > "$out/cli-fsdp.log" 2>&1; echo "fsdp exit $?" >> "$out/cli-fsdp.log"
   $F --out /tmp/cli-one > "$out/cli-one.log" 2>&1; echo "one exit $?" >> "$out/cli-one.log" ;;
-mem)  # the memory contenders: ANCHORS (default below), every method at 135M and 1B, QLoRA at 7B
-  A=${ANCHORS:-unsloth_gc,minipeft_offload,minipeft_lowmem}
+mem)  # the memory contenders: MEM (default below), every method at 135M and 1B, QLoRA at 7B
+  A=${MEM:-unsloth_gc,minipeft_offload,minipeft_lowmem}
   CUDA_VISIBLE_DEVICES=0 $B --steps 4 --warmup 2 --shapes llama-7b,llama-7b-4k --methods qlora --contenders $A \
     --switches none --out "$out" --name "$2-7b" > "$out/$2-7b.log" 2>&1 &
   CUDA_VISIBLE_DEVICES=1 $B --shapes smollm2-135m,llama-1b --methods $METHODS --contenders $A --switches none \

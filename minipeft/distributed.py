@@ -421,6 +421,13 @@ class Parallel:
         dist.all_reduce(t)
         return t.tolist()
 
+    def sum_(self, t):
+        """A tensor summed over ranks in place, on its device (queued: nothing waits for it here); t itself with one
+        process."""
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
     def local(self, tensors):  # each rank's own part (for checks that need no communication)
         return [_local(t) for t in tensors]
 

@@ -342,11 +342,14 @@ def _train(model, par, named, device, out_dir, train_data, val_data, cfg, resume
             t0 = time.perf_counter()
             micro = [next(stream) for _ in range(cfg.grad_accum)]  # global micro-batches (batch_size x N rows)
             counts = [num_targets(b, model) for b in micro]
-            n_total, loss = sum(counts), 0.0
+            n_total = sum(counts)
+            loss_t = torch.zeros((), dtype=torch.float64, device=device)  # the step's loss, summed on the device
             last = max((i for i, n in enumerate(counts) if n), default=-1)  # gradients are reduced there
             for i, (b, n) in enumerate(zip(micro, counts)):
                 if n == 0:
                     continue
+                mask = b["attention_mask"]  # (the global micro-batch's tokens: every rank's rows)
+                tokens += b["input_ids"].numel() if mask is None else int(mask.sum())
                 b = par.rows(b, cfg.batch_size)  # this rank's rows (all of them with one process)
                 n = num_targets(b, model) if par.world > 1 else n
                 engine.before_forward()
@@ -355,19 +358,22 @@ def _train(model, par, named, device, out_dir, train_data, val_data, cfg, resume
                         loss_i = batch_loss(par.module, b, device)
                     if n == 0:  # no target in this rank's rows: it still joins the gradients' reduction, with 0
                         loss_i = torch.nan_to_num(loss_i) * 0.0
-                    finite_or_stop(f"loss {loss_i.item()}", step, math.isfinite(loss_i.item()))  # before backward
+                    if engine.steps_in_backward:  # backward steps the optimizer: a non-finite loss stops before it
+                        finite_or_stop(f"loss {loss_i.item()}", step, math.isfinite(loss_i.item()))
                     (loss_i * (n / n_total * par.scale)).backward()  # (scale: DDP and FSDP average over ranks)
-                loss += loss_i.item() * n / n_total
-                mask = b["attention_mask"]
-                tokens += b["input_ids"].numel() if mask is None else int(mask.sum())
-            if par.world > 1:
-                loss, tokens = par.all_sum([loss, tokens])  # the step's loss over every rank's rows
+                loss_t += loss_i.detach().double() * (n / n_total)
+            par.sum_(loss_t)  # the step's loss over every rank's rows (queued on the device)
+            # The step's numbers are read on the host once, here: a read waits for the device to finish its queue,
+            # and one inside the step (the loss before backward) would leave the device idle while the host then
+            # queues backward. A non-finite loss is still caught before the step: its gradients are not finite.
             if engine.steps_in_backward:  # (the step was taken inside backward: check what it wrote)
-                grad_norm = None
+                grad_norm, loss = None, loss_t.item()
                 finite_or_stop("weights after the step", step, all_finite(par.local(params)))
             else:
-                grad_norm = par.clip(params, cfg.max_grad_norm or math.inf)
-                finite_or_stop(f"gradient norm {float(grad_norm)}", step, math.isfinite(grad_norm))  # before the step
+                norm_t = par.clip(params, cfg.max_grad_norm or math.inf)
+                loss, grad_norm = torch.stack([loss_t, norm_t.to(loss_t)]).tolist()
+                finite_or_stop(f"loss {loss}", step, math.isfinite(loss))  # before the step: no weight changed yet
+                finite_or_stop(f"gradient norm {grad_norm}", step, math.isfinite(grad_norm))
             lr = optimizer.param_groups[0]["lr"]  # the lr this step uses
             if not engine.steps_in_backward:
                 optimizer.step()
@@ -378,8 +384,7 @@ def _train(model, par, named, device, out_dir, train_data, val_data, cfg, resume
             bar.update(1)
             write = False
             if step % cfg.log_every == 0 or step == cfg.steps:
-                norm = None if grad_norm is None else float(grad_norm)  # None: no gradient norm was computed
-                entry = dict(step=step, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=tokens / seconds)
+                entry = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens / seconds)
                 metrics["train"].append(entry)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / seconds:.0f}")
                 if not show and cfg.progress is None and par.is_main:  # no terminal for a bar (a log file, CI): lines
