@@ -7,7 +7,7 @@ method it does not cover).
     minipeft_oib      + compiled, fast.step_in_backward(optimizer)          + optimizer_in_backward=True
     minipeft_gc       + compiled, fast.checkpoint_blocks(model)             finetune --compile --grad-checkpoint
     minipeft_offload  + compiled, checkpoint_blocks(model, offload=True)    finetune --compile --grad-checkpoint offload
-    minipeft_lowmem   minipeft_offload + step_in_backward + loss chunks of ~64 MB (chunked_loss(chunk=...)): least memory
+    minipeft_lowmem   + step_in_backward, loss chunks of 2**24 logits    ... --optimizer-in-backward --loss-chunk N
     hf                transformers + peft as shipped (eager); not QLoRA
     hf_bnb            transformers + peft + bitsandbytes: QLoRA only
     hf_compile        hf (hf_bnb for QLoRA) with torch.compile of each decoder layer, as compile_blocks does ours

@@ -137,6 +137,8 @@ def build_parser():
     g.add_argument("--grad-checkpoint", nargs="?", const="on", default=None, choices=["on", "offload"],
                    help="recompute blocks in backward: less memory; offload: keep each block's input in CPU memory "
                    "until then, as Unsloth's offloaded checkpointing (least GPU memory)")  # fmt: skip
+    g.add_argument("--loss-chunk", type=positive_int, default=None, metavar="ROWS",
+                   help="rows per chunk of the loss (default: ~256 MB of float32 logits); fewer: less memory")  # fmt: skip
     g.add_argument("--optimizer-in-backward", action="store_true",
                    help="step each parameter inside backward and free its gradient: less memory (full fine-tuning); "
                    "no gradient clipping, needs --grad-accum 1")  # fmt: skip
@@ -535,6 +537,7 @@ def _finetune(args, device=None, check_only=False):
         device=device if getattr(args, "fsdp", False) else None,  # (--fsdp: the model is on rank 0's CPU, or meta)
         max_grad_norm=None if args.optimizer_in_backward else 1.0,
         optimizer_in_backward=args.optimizer_in_backward,
+        loss_chunk=args.loss_chunk,
         early_stop=args.early_stop,
     )
     if args.method == "qlora":

@@ -282,11 +282,12 @@ def parallel(model, cfg, device):
 
 class Engine:
     """The levers a TrainConfig asks for, applied to a model and its optimizer for one train() call:
-    cfg.chunked_loss, cfg.compile (True or a torch.compile mode) and cfg.optimizer_in_backward."""
+    cfg.chunked_loss (cfg.loss_chunk rows per chunk), cfg.compile (True or a torch.compile mode) and
+    cfg.optimizer_in_backward."""
 
     def __init__(self, model, optimizer, cfg):
         self.cfg = cfg
-        chunked_loss(model, cfg.chunked_loss)
+        chunked_loss(model, cfg.chunked_loss, chunk=cfg.loss_chunk)
         if cfg.compile:
             compile_blocks(model, **({} if cfg.compile is True else {"mode": cfg.compile}))
         self.hooks = step_in_backward(optimizer) if cfg.optimizer_in_backward else []

@@ -108,6 +108,7 @@ class TrainConfig:
     progress: bool | None = None  # the tqdm bar; None: only when stderr is a terminal
     # the speed levers of fast.py (see above)
     chunked_loss: bool = True  # the loss in chunks from the hidden states: the (B, T, V) logits never exist
+    loss_chunk: int | None = None  # rows per chunk of that loss; None: ~256 MB of float32 logits (fewer: less memory)
     compile: bool | str = False  # True, or a torch.compile mode: "reduce-overhead" adds CUDA graphs
     optimizer_in_backward: bool = False  # step each parameter in backward and free its gradient
     fsdp: bool = False  # under torchrun: shard every weight with FSDP2 (else DDP); batch_size is per rank
@@ -138,6 +139,8 @@ class TrainConfig:
         check(isinstance(c, bool) or (isinstance(c, str) and c in COMPILE_MODES), "compile", f"one of {COMPILE_MODES}")
         check(isinstance(self.optimizer_in_backward, bool), "optimizer_in_backward", "True or False")
         check(isinstance(self.chunked_loss, bool), "chunked_loss", "True or False")
+        lc = self.loss_chunk
+        check(lc is None or (_is_int(lc) and lc >= 1), "loss_chunk", "None (the default size) or an integer >= 1")
         check(isinstance(self.fsdp, bool), "fsdp", "True or False")
         if self.optimizer_in_backward and (self.grad_accum != 1 or self.max_grad_norm is not None):
             raise ValueError(

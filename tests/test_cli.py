@@ -180,6 +180,24 @@ def test_full_finetuning_with_the_optimizer_in_backward_learns(tmp_path):
     assert (out / "model").is_dir()
 
 
+def test_the_lowest_memory_flags_train_as_the_plain_run(tmp_path, monkeypatch):
+    """--grad-checkpoint offload --loss-chunk 7 (with --optimizer-in-backward): each Block's input goes to the host
+    and comes back, the loss runs in chunks of 7 rows, and every step's loss equals the run without them."""
+    from minipeft import fast
+
+    moved, chunks = [0], []
+    to_host, loss = fast._to_host, fast.chunked_causal_lm_loss
+    monkeypatch.setattr(fast, "_to_host", lambda t: moved.__setitem__(0, moved[0] + 1) or to_host(t))
+    monkeypatch.setattr(fast, "chunked_causal_lm_loss", lambda *a, **k: chunks.append(a[3]) or loss(*a, **k))
+    flags = ["--method", "full", "--optimizer-in-backward", "--steps", "4", "--eval-every", "4"]
+    plain = finetune(tmp_path, *flags, name="plain")
+    assert moved[0] == 0 and set(chunks) == {None}
+    low = finetune(tmp_path, *flags, "--grad-checkpoint", "offload", "--loss-chunk", "7", name="low")
+    assert moved[0] > 0 and set(chunks[len(chunks) // 2 :]) == {7}
+    losses = [[e["loss"] for e in json.loads((d / "metrics.json").read_text())["train"]] for d in (plain, low)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
 # ------------------------------------------------------------------------- nothing a user owns is lost
 
 

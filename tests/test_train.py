@@ -106,7 +106,7 @@ def dir_bytes(path):
     [("steps", 0), ("steps", 1.5), ("lr", 0.0), ("lr", float("nan")), ("batch_size", 0), ("grad_accum", 0),
      ("warmup_steps", -1), ("warmup_ratio", 1.0), ("min_lr_ratio", 1.5), ("weight_decay", -0.1),
      ("max_grad_norm", 0.0), ("eval_batches", 0), ("log_every", 0), ("seed", -1), ("autocast", "fp16"),
-     ("lora_plus_ratio", 0.0), ("compile", 1), ("compile", "fast")],
+     ("lora_plus_ratio", 0.0), ("compile", 1), ("compile", "fast"), ("loss_chunk", 0), ("loss_chunk", 2.0)],
 )  # fmt: skip
 def test_bad_config_is_a_value_error_naming_the_field_and_value(field, value):
     with pytest.raises(ValueError, match=rf"TrainConfig\.{field} must be .*, got {re.escape(repr(value))}"):
