@@ -10,12 +10,12 @@ Rank 0 prints one JSON line per size.
 """
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
 import torch.distributed as dist
+from harness import emit, utc_now
 
 
 def main(argv=None):
@@ -41,12 +41,9 @@ def main(argv=None):
             algbw = mb * 2**20 / s / 1e9
             res = dict(mb=mb, dtype=str(dtype).split(".")[1], world=world, ms=round(s * 1e3, 3),
                        algbw_gb_s=round(algbw, 1), busbw_gb_s=round(algbw * 2 * (world - 1) / world, 1),
-                       device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))  # fmt: skip
+                       device=torch.cuda.get_device_name(), date=utc_now())  # fmt: skip
             if rank == 0:
-                print("RESULT " + json.dumps(res), flush=True)
-                if args.out:
-                    with open(args.out, "a") as f:
-                        f.write(json.dumps(res) + "\n")
+                emit(res, args.out)
     dist.destroy_process_group()
 
 

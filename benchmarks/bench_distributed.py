@@ -21,7 +21,6 @@ Rank 0 prints one JSON line (and writes it to --out).
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -30,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
-from harness import ALPHA, SHAPES, R, model_config  # noqa: E402
+from harness import ALPHA, SHAPES, R, emit, model_config, utc_now  # noqa: E402
 from harness import LORA_TARGETS as TARGETS  # noqa: E402
 
 import minipeft as mp  # noqa: E402
@@ -189,12 +188,9 @@ def main(argv=None):
                tokens_per_s=len(timed) / sum(1 / x for x in timed), peak_gib=[round(float(p), 3) for p in peaks],
                built_gib=round(BUILT.get("gib", 0.0), 3),
                loss_last=extra.get("loss"), device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
-               date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))  # fmt: skip
+               date=utc_now())  # fmt: skip
     if rank == 0:
-        print("RESULT " + json.dumps(res), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(res) + "\n")
+        emit(res, args.out)
     distributed.teardown()
 
 

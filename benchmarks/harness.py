@@ -74,6 +74,18 @@ class Trainee:
     params: list
 
 
+def emit(res, out=None):
+    """One result: a RESULT line on stdout, and a JSON line appended to `out` (a .jsonl file) when given."""
+    print("RESULT " + json.dumps(res), flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(res) + "\n")
+
+
+def utc_now():
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
