@@ -103,7 +103,12 @@ def main(argv=None):
     ap.add_argument("--extras", type=names(("dequant", "generation")), default=["dequant", "generation"])
     ap.add_argument("--steps", type=int, help="timed steps per contender (default 10, --quick: 2)")
     ap.add_argument("--warmup", type=int, help="warm-up steps per contender (default 3, --quick: 1)")
-    ap.add_argument("--profile", action="store_true", help="one more step per contender under torch.profiler (GPU)")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="one more step per contender under torch.profiler, and one "
+        "under the allocator's history: what is alive at its peak, by where it was made (GPU)",
+    )
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--name", default=None, help="file stem in --out (default <gpu>-<date>)")
     ap.add_argument("--apart", type=names(contenders.CONTENDERS), help=argparse.SUPPRESS)  # internal: see apart()

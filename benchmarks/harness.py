@@ -9,6 +9,9 @@ measure() runs `warmup` steps, then `steps` timed ones:
                  weights + gradients + optimizer states + activations, not the transient of building/quantizing
     MFU          model FLOPs of a step (step_flops) / step time / the bf16 matmul rate measured in the same run
     first step   seconds, synchronized: the compile of the compiled contenders is in it
+With --profile, two more steps (JSON only): one under torch.profiler (profile_step: the GPU's busy share, top
+kernels), one with the allocator's history on (memory_peak: what that step made that is alive at its peak, by
+the frame that made it).
 Parity: the contenders of a row must train as many parameters and start from the same loss to 3 decimals
 (|a - b| <= LOSS_TOL: rounding both would fail on a boundary), i.e. compute the same function on the same
 weights and batch. A row that breaks this, or where a contender raised, is failed: its numbers stay in the JSON,
@@ -166,6 +169,55 @@ def profile_step(step, device):
     return dict(wall_ms=wall, kernel_ms=busy, gpu_busy=busy / wall, top=kernels[:12])
 
 
+def memory_peak(step, device, top=15):
+    """One more step with the CUDA allocator's history on: what was allocated during it and still alive at its
+    peak, summed by where it was made (peak_breakdown)."""
+    sync(device)
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    try:
+        step()
+        sync(device)
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    return peak_breakdown(snapshot["device_traces"][device.index or 0], top)
+
+
+def _maker(frames):  # the innermost frame outside torch's own files: ours, HF's, Unsloth's or compiled code
+    for f in frames:
+        name = f["filename"]
+        if "/torch/" not in name or "torchinductor" in name:
+            return f"{'/'.join(name.split('/')[-2:])}:{f['line']} {f['name']}"
+    return "torch" if frames else "?"
+
+
+def peak_breakdown(trace, top=15):
+    """The allocator's trace of one step (events alloc / free_requested / free_completed with addr, size, frames)
+    -> the bytes alive at the highest point, counted from the step's start (tensors that existed before, like
+    the weights, are not in it), and those bytes by _maker: {"peak_mib", "top": [[MiB, count, maker], ...]}."""
+    live, total, peak, peak_at = {}, 0, 0, -1
+    for i, e in enumerate(trace):  # pass 1: where the peak is
+        if e["action"] == "alloc":
+            live[e["addr"]] = e["size"]
+            total += e["size"]
+            if total > peak:
+                peak, peak_at = total, i
+        elif e["action"] in ("free_requested", "free_completed") and e["addr"] in live:
+            total -= live.pop(e["addr"])
+    live = {}
+    for e in trace[: peak_at + 1]:  # pass 2: what is alive there
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        elif e["action"] in ("free_requested", "free_completed"):
+            live.pop(e["addr"], None)
+    by = {}
+    for e in live.values():
+        size, count = by.get(_maker(e.get("frames", [])), (0, 0))
+        by[_maker(e.get("frames", []))] = (size + e["size"], count + 1)
+    ranked = sorted(((s / 2**20, n, k) for k, (s, n) in by.items()), reverse=True)[:top]
+    return dict(peak_mib=peak / 2**20, top=[[round(s, 1), n, k] for s, n, k in ranked])
+
+
 def measure(trainee, device, warmup, steps, profile=False):
     params = trainee.params
     out = dict(pid=os.getpid(), trainable_params=sum(p.numel() for p in params),
@@ -189,6 +241,7 @@ def measure(trainee, device, warmup, steps, profile=False):
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         try:  # a profiler problem must not lose the row
             out["profile"] = profile_step(trainee.step, device) if profile else None
+            out["memory_peak"] = memory_peak(trainee.step, device) if profile else None
         except Exception as e:  # noqa: BLE001
             out["profile"] = f"failed: {type(e).__name__}: {e}"[:300]
     return out

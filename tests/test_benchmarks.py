@@ -255,3 +255,28 @@ def test_same_learning_ends_within_1_percent_of_hf(tmp_path, monkeypatch):
         ours, hf = r["curves"]["minipeft"], r["curves"]["hf"]
         assert len(ours) == len(hf) == 25 and ours == pytest.approx(hf, rel=1e-2) and r["rel"] <= 0.01
         assert len(set(ours)) > 20  # the weights moved (on random-like ids the tiny model's loss need not fall)
+
+
+def test_peak_breakdown_finds_what_is_alive_at_the_peak(monkeypatch):
+    """The allocator-trace replay of --profile's memory step, on a made-up trace: the peak counts only what the
+    step allocated (a free of an older tensor is ignored), and names each allocation by its innermost frame
+    outside torch (compiled code counts as outside)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import harness
+
+    ours = [{"filename": "/x/torch/nn/functional.py", "line": 1, "name": "f"},
+            {"filename": "/repo/minipeft/fast.py", "line": 70, "name": "_block_forward"}]  # fmt: skip
+    compiled = [{"filename": "/tmp/torchinductor_root/ab/cab.py", "line": 9, "name": "call"}]
+    mib = 2**20
+    trace = [
+        dict(action="alloc", addr=1, size=10 * mib, frames=ours),
+        dict(action="free_requested", addr=99, size=50 * mib, frames=[]),  # an older tensor: not counted
+        dict(action="alloc", addr=2, size=30 * mib, frames=compiled),
+        dict(action="alloc", addr=3, size=5 * mib, frames=ours),
+        dict(action="free_requested", addr=2, size=30 * mib, frames=compiled),
+        dict(action="free_completed", addr=2, size=30 * mib, frames=compiled),
+        dict(action="alloc", addr=4, size=20 * mib, frames=compiled),  # 35 MiB alive: below the peak of 45
+    ]
+    got = harness.peak_breakdown(trace)
+    assert got["peak_mib"] == 45
+    assert got["top"] == [[30.0, 1, "ab/cab.py:9 call"], [15.0, 2, "minipeft/fast.py:70 _block_forward"]]
