@@ -173,7 +173,7 @@ def memory_peak(step, device, top=15):
     """One more step with the CUDA allocator's history on: what was allocated during it and still alive at its
     peak, summed by where it was made (peak_breakdown)."""
     sync(device)
-    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    torch.cuda.memory._record_memory_history(context="alloc", stacks="python", max_entries=2_000_000)
     try:
         step()
         sync(device)
@@ -239,11 +239,11 @@ def measure(trainee, device, warmup, steps, profile=False):
                loss_last=float(losses[-1]))  # fmt: skip
     if device.type == "cuda":
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        try:  # a profiler problem must not lose the row
-            out["profile"] = profile_step(trainee.step, device) if profile else None
-            out["memory_peak"] = memory_peak(trainee.step, device) if profile else None
-        except Exception as e:  # noqa: BLE001
-            out["profile"] = f"failed: {type(e).__name__}: {e}"[:300]
+        for key, fn in (("memory_peak", memory_peak), ("profile", profile_step)):
+            try:  # a profiler problem must not lose the row
+                out[key] = fn(trainee.step, device) if profile else None
+            except Exception as e:  # noqa: BLE001
+                out[key] = f"failed: {type(e).__name__}: {e}"[:300]
     return out
 
 

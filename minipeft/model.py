@@ -314,12 +314,13 @@ class Transformer(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
         cos, sin = self.rotary(position_ids, x.dtype)
         mask = self.attention_mask(attention_mask, B, T, past, x.device)
-        new_cache = []
+        cache = [] if use_cache else None  # (kept only when asked: every layer's keys and values, a KV cache)
         for i, layer in enumerate(self.model.layers):
             x, kv = layer(x, cos, sin, mask, past_key_values[i] if past_key_values else None)
-            new_cache.append(kv)
+            if use_cache:
+                cache.append(kv)
+        kv = None  # (not even the last layer's outlives the blocks unless cached)
         x = self.model.norm(x)
-        cache = new_cache if use_cache else None
         if labels is not None and not return_logits:  # the loss alone (what train() asks for)
             return ModelOutput(loss=self.hidden_loss(x, labels), past_key_values=cache)
         logits = self.lm_head(x)  # (B, T, V)
