@@ -384,7 +384,9 @@ class Parallel:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [device.index] if device.type == "cuda" else None
-            self.module = DDP(model, device_ids=ids)  # reduces exactly the parameters that require grad
+            # reduces exactly the parameters that require grad; gradient_as_bucket_view: each gradient is a view
+            # into DDP's all-reduce buckets (no second copy of the gradients, none copied in and out per step)
+            self.module = DDP(model, device_ids=ids, gradient_as_bucket_view=True)
 
     @property
     def is_main(self):  # rank 0: the one that logs and writes
