@@ -639,7 +639,8 @@ def _finetune(args, device=None, check_only=False):
 def weight_bytes(model):
     """Bytes of every weight, shared ones once, a 4-bit layer's packed codes and statistics included."""
     sizes = {id(p): p.numel() * p.element_size() for p in model.parameters()}
-    quantized = [m.qweight for m in model.modules() if hasattr(m, "qweight")]
+    # (under --fsdp a 4-bit layer holds its tensors as parameters, qweight_<field>: counted above, not again)
+    quantized = [m.qweight for m in model.modules() if hasattr(m, "qweight") and "qweight_packed" not in m._parameters]
     fields = ("packed", "absmax", "offset", "nested_absmax", "nested_code")
     return sum(sizes.values()) + sum(
         t.numel() * t.element_size() for q in quantized for t in (getattr(q, f) for f in fields) if t is not None
