@@ -212,8 +212,9 @@ def peak_breakdown(trace, top=15):
             live.pop(e["addr"], None)
     by = {}
     for e in live.values():
-        size, count = by.get(_maker(e.get("frames", [])), (0, 0))
-        by[_maker(e.get("frames", []))] = (size + e["size"], count + 1)
+        maker = _maker(e.get("frames", []))
+        size, count = by.get(maker, (0, 0))
+        by[maker] = (size + e["size"], count + 1)
     ranked = sorted(((s / 2**20, n, k) for k, (s, n) in by.items()), reverse=True)[:top]
     return dict(peak_mib=peak / 2**20, top=[[round(s, 1), n, k] for s, n, k in ranked])
 
