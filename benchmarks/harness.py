@@ -153,20 +153,41 @@ def step_flops(cfg, B, T, method):
 
 
 def profile_step(step, device):
-    """One more step under torch.profiler: the GPU's busy share of the wall time and the top 12 kernels."""
+    """One more step under torch.profiler (host and GPU): the GPU's busy share of the wall time, how many kernels
+    it ran, its copies and fills (count, ms), the host's runtime calls (launches, graph launches, copies: count,
+    ms), the top 12 kernels and the top 12 host operations by their own time (dynamo's guard checks, graph
+    replays, Python around them): where a host-bound step spends its time. [ms, name, count] rows."""
     from torch.profiler import ProfilerActivity, profile
 
     sync(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    gpu = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * gpu) as prof:
         t = time.perf_counter()
         step()
         sync(device)
         wall = 1e3 * (time.perf_counter() - t)
-    kernels = sorted(
-        ((e.self_device_time_total / 1e3, e.key[:110], e.count) for e in prof.key_averages()), reverse=True
+    out = step_anatomy(prof.key_averages())
+    return dict(wall_ms=wall, gpu_busy=out["kernel_ms"] / wall, **out)
+
+
+def step_anatomy(averages, top=12):
+    """profile_step's summary of a profiler's key_averages(): the GPU's rows (kernels, copies, fills: their own
+    time) and the host's (operations and runtime calls: their own time), as [ms, name, count] rows, most first."""
+    rows = lambda on, attr: sorted(  # noqa: E731  (microseconds -> ms)
+        ([getattr(e, attr) / 1e3, e.key[:110], e.count] for e in averages if (e.device_type.name == "CPU") == on
+         and getattr(e, attr) > 0), reverse=True)  # fmt: skip
+    device, host = rows(False, "self_device_time_total"), rows(True, "self_cpu_time_total")
+    copies = [r for r in device if r[1].startswith(("Memcpy", "Memset"))]
+    kernels = [r for r in device if r not in copies]
+    runtime = [r for r in host if r[1].startswith("cu")]  # cudaLaunchKernel, cudaGraphLaunch, cudaMemcpyAsync, ...
+    return dict(
+        kernel_ms=sum(r[0] for r in device),
+        launches=sum(r[2] for r in kernels),
+        copies=copies,
+        runtime=runtime[:top],
+        top=kernels[:top],
+        top_host=[r for r in host if r not in runtime][:top],
     )
-    busy = sum(k[0] for k in kernels)
-    return dict(wall_ms=wall, kernel_ms=busy, gpu_busy=busy / wall, top=kernels[:12])
 
 
 def memory_peak(step, device, top=15):

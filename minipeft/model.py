@@ -203,10 +203,10 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, past_kv=None):
+    def forward(self, x, cos, sin, mask, past_kv=None, use_cache=False):
         a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_kv)
         x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+        return x + self.mlp(self.post_attention_layernorm(x)), kv if use_cache else None  # (keys, values) if asked
 
 
 @dataclass
@@ -316,10 +316,9 @@ class Transformer(nn.Module):
         mask = self.attention_mask(attention_mask, B, T, past, x.device)
         cache = [] if use_cache else None  # (kept only when asked: every layer's keys and values, a KV cache)
         for i, layer in enumerate(self.model.layers):
-            x, kv = layer(x, cos, sin, mask, past_key_values[i] if past_key_values else None)
+            x, kv = layer(x, cos, sin, mask, past_key_values[i] if past_key_values else None, use_cache)
             if use_cache:
                 cache.append(kv)
-        kv = None  # (not even the last layer's outlives the blocks unless cached)
         x = self.model.norm(x)
         if labels is not None and not return_logits:  # the loss alone (what train() asks for)
             return ModelOutput(loss=self.hidden_loss(x, labels), past_key_values=cache)

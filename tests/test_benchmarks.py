@@ -280,3 +280,27 @@ def test_peak_breakdown_finds_what_is_alive_at_the_peak(monkeypatch):
     got = harness.peak_breakdown(trace)
     assert got["peak_mib"] == 45
     assert got["top"] == [[30.0, 1, "ab/cab.py:9 call"], [15.0, 2, "minipeft/fast.py:70 _block_forward"]]
+
+
+def test_step_anatomy_splits_kernels_copies_and_host_time(monkeypatch):
+    """--profile's step summary on made-up profiler rows: GPU rows are kernels or copies (Memcpy/Memset), host rows
+    are runtime calls (cuda*) or operations; a kernel's count is its launches; a host op's GPU time (its kernels,
+    counted again) is not a kernel."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import types
+
+    import harness
+
+    def row(key, where, count, cpu_us=0.0, gpu_us=0.0):
+        return types.SimpleNamespace(key=key, device_type=types.SimpleNamespace(name=where), count=count,
+                                     self_cpu_time_total=cpu_us, self_device_time_total=gpu_us)  # fmt: skip
+
+    got = harness.step_anatomy([
+        row("ampere_bf16_gemm", "CUDA", 40, gpu_us=4000), row("triton_poi_fused_add", "CUDA", 100, gpu_us=1000),
+        row("Memcpy DtoD (Device -> Device)", "CUDA", 60, gpu_us=300), row("aten::mm", "CPU", 40, 800, 4000),
+        row("cudaLaunchKernel", "CPU", 140, cpu_us=700), row("cudaGraphLaunch", "CPU", 60, cpu_us=900),
+    ])  # fmt: skip
+    assert got["kernel_ms"] == pytest.approx(5.3) and got["launches"] == 140
+    assert got["copies"] == [[0.3, "Memcpy DtoD (Device -> Device)", 60]]
+    assert [r[1] for r in got["runtime"]] == ["cudaGraphLaunch", "cudaLaunchKernel"]
+    assert got["top_host"] == [[0.8, "aten::mm", 40]] and [r[1] for r in got["top"]][0] == "ampere_bf16_gemm"

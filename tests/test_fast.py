@@ -188,3 +188,60 @@ def test_compiled_4bit_blocks_compile_once_for_every_layer():
     with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
         model(input_ids=ids, labels=ids).loss.backward()
     torch._dynamo.reset()
+
+
+def test_checkpointed_compiled_4bit_layers_run_as_one_opaque_op():
+    """In a checkpointed Block, compile sees each 4-bit layer as one op (fast.nf4_matmul: W dequantized inside,
+    one dense W alive at a time); the op equals x W^T with W = dequantize_nf4 and its gradient x's, and its
+    registration passes torch.library.opcheck (fake shapes, autograd, schema)."""
+    from minipeft.nf4 import dequantize_nf4, quantize_nf4
+
+    torch.manual_seed(0)
+    q = quantize_nf4(torch.randn(24, 128, dtype=torch.float64), blocksize=64)
+    x = torch.randn(2, 3, 128, dtype=torch.float64, requires_grad=True)
+    args = (q.packed, q.absmax, q.offset, q.nested_absmax, q.nested_code, 24, 128, 64, q.nested_blocksize)
+    y = fast.nf4_matmul(x, *args, False)
+    w = dequantize_nf4(q).to(torch.float64)
+    torch.testing.assert_close(y, x @ w.T, rtol=0, atol=1e-12)
+    g = torch.randn_like(y)
+    (grad,) = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(grad, g @ w, rtol=0, atol=1e-12)
+    torch.library.opcheck(fast.nf4_matmul, (x, *args, False))
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, inputs):  # what dynamo hands the compiler, per compiled Block
+        graphs.append({str(n.target) for n in gm.graph.nodes})
+        return gm.forward
+
+    for checkpoint in (False, True):
+        model = build("qlora")
+        fast.checkpoint_blocks(model, enabled=checkpoint)
+        fast.compile_blocks(model, backend=backend).train()
+        ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert any("minipeft.nf4_matmul" in t for t in set().union(*graphs)) == checkpoint, checkpoint
+        graphs.clear()
+        torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA kernel: its GPU run is in benchmarks/results")
+def test_the_triton_dequantization_equals_the_library_bit_for_bit():
+    """fast._triton_dequantize (the 4-bit layers' kernel inside nf4_matmul on a GPU) against dequantize_nf4 (equal to
+    bitsandbytes'): every bit, with and without double quantization, a partial last block, an odd size."""
+    from minipeft.nf4 import dequantize_nf4, quantize_nf4
+
+    assert fast._dequantizer(torch.device("cuda")) is fast._triton_dequantize
+    torch.manual_seed(0)
+    cases = [((4096, 4096), 64, True, torch.bfloat16), ((11008, 4096), 64, True, torch.bfloat16),
+             ((999, 33), 64, True, torch.float16), ((512, 2048), 128, False, torch.bfloat16),
+             ((300, 7), 256, False, torch.float32)]  # fmt: skip
+    for shape, blocksize, double, dtype in cases:
+        q = quantize_nf4(torch.randn(shape, device="cuda", dtype=dtype), blocksize, double)
+        fields = (q.packed, q.absmax, q.offset, q.nested_absmax, q.nested_code)
+        got = fast._triton_dequantize(*fields, shape, blocksize, q.nested_blocksize, dtype)
+        assert torch.equal(got, dequantize_nf4(q)), (shape, blocksize, double, dtype)
+        x = torch.randn(3, shape[1], device="cuda", dtype=dtype)
+        torch.testing.assert_close(fast.nf4_matmul(x, *fields, *shape, blocksize, q.nested_blocksize, False),
+                                   x @ dequantize_nf4(q).T)  # fmt: skip
