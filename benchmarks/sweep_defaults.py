@@ -44,7 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout
 
-from minipeft import cli  # noqa: E402  (the finetune command's parser, defaults and method configs)
+from minipeft import cli, finetune  # noqa: E402  (the finetune command's parser, defaults and method configs)
 from minipeft.files import read_json, write_json  # noqa: E402
 
 VARIANTS = {  # sweep name -> the `minipeft finetune` flags that make it
@@ -72,7 +72,7 @@ def finetune_args(method, lr, a):
             "--lr", repr(lr), "--eval-every", str(a.eval_every), "--seed", "0"]  # fmt: skip
     argv += ["--steps", str(a.steps)] if a.steps else []  # else the CLI's steps for the method
     args = cli.build_parser().parse_args(argv)
-    cli.method_args(args)
+    finetune.method_args(args)
     args.batch_size = args.batch_size or cli.DEFAULT_BATCH  # as finetune without --global-batch
     return args
 
@@ -85,7 +85,7 @@ def run_one(method, lr, a):
     from minipeft.train import NonFiniteLossError, TrainConfig, evaluate, train
 
     args = finetune_args(method, lr, a)
-    config = cli.build_peft_config(args)
+    config = finetune.build_peft_config(args)
     device = cli.pick_device(args.device)
     dtype = cli.pick_dtype(args.dtype, device) if args.method != "full" else torch.float32  # the CLI's rule
     tcfg = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,

@@ -38,7 +38,8 @@ METHODS = {  # compare's names -> finetune's flags
 
 
 def compare(args):
-    from .cli import build_parser, cmd_finetune, pick_device
+    from .cli import build_parser, pick_device
+    from .finetune import cmd_finetune
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if unknown := [m for m in methods if m not in METHODS]:

@@ -27,8 +27,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import minipeft.fast as fast
 import minipeft.train as train_module
 from minipeft.checkpoint import ASSETS, load_pretrained
-from minipeft.cli import main, weight_bytes
+from minipeft.cli import main
 from minipeft.data import load_text_dataset
+from minipeft.finetune import weight_bytes
 from minipeft.lora import LoraConfig
 from minipeft.model import ModelConfig, Transformer
 from minipeft.nf4 import NF4Linear, quantize_model
