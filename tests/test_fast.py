@@ -8,6 +8,7 @@ import torch
 from helpers import tiny_config
 
 import minipeft.fast as fast
+import minipeft.fast_nf4 as fast_nf4
 from minipeft import AdapterConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from minipeft.model import Transformer
 from minipeft.nf4 import quantize_model
@@ -228,11 +229,11 @@ def test_checkpointed_compiled_4bit_layers_run_as_one_opaque_op():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA kernel: its GPU run is in benchmarks/results")
 def test_the_triton_dequantization_equals_the_library_bit_for_bit():
-    """fast._triton_dequantize (the 4-bit layers' kernel inside nf4_matmul on a GPU) against dequantize_nf4 (equal to
+    """fast_nf4._triton_dequantize (the 4-bit layers' kernel inside nf4_matmul on a GPU) against dequantize_nf4 (equal to
     bitsandbytes'): every bit, with and without double quantization, a partial last block, an odd size."""
     from minipeft.nf4 import dequantize_nf4, quantize_nf4
 
-    assert fast._dequantizer(torch.device("cuda")) is fast._triton_dequantize
+    assert fast_nf4._dequantizer(torch.device("cuda")) is fast_nf4._triton_dequantize
     torch.manual_seed(0)
     cases = [((4096, 4096), 64, True, torch.bfloat16), ((11008, 4096), 64, True, torch.bfloat16),
              ((999, 33), 64, True, torch.float16), ((512, 2048), 128, False, torch.bfloat16),
@@ -240,7 +241,7 @@ def test_the_triton_dequantization_equals_the_library_bit_for_bit():
     for shape, blocksize, double, dtype in cases:
         q = quantize_nf4(torch.randn(shape, device="cuda", dtype=dtype), blocksize, double)
         fields = (q.packed, q.absmax, q.offset, q.nested_absmax, q.nested_code)
-        got = fast._triton_dequantize(*fields, shape, blocksize, q.nested_blocksize, dtype)
+        got = fast_nf4._triton_dequantize(*fields, shape, blocksize, q.nested_blocksize, dtype)
         assert torch.equal(got, dequantize_nf4(q)), (shape, blocksize, double, dtype)
         x = torch.randn(3, shape[1], device="cuda", dtype=dtype)
         torch.testing.assert_close(fast.nf4_matmul(x, *fields, *shape, blocksize, q.nested_blocksize, False),

@@ -1,0 +1,145 @@
+"""The speed seam's 4-bit layers under torch.compile (fast.compile_blocks installs _nf4_forward on each one): how
+a QLoRA Block compiles without keeping a dense weight. Part of fast.py's seam, in a file of its own for its
+length; tests/test_fast.py checks it against the reference (nf4.NF4LinearFunction, dequantize_nf4)."""
+
+import dataclasses
+import functools
+
+import torch
+
+
+def _nf4_forward(layer, x):
+    """Eager: the plain NF4 forward (nf4.NF4LinearFunction). While torch.compile traces, one of two forms:
+    - by default y = x W^T + b with W from a checkpointed region that holds only the dequantization. Traced as
+      NF4LinearFunction is, the compiler merges the backward's dequantization with the forward's and keeps the
+      dense W for backward; ops in a checkpointed region are recomputed in backward instead, so W is rebuilt from
+      the 4-bit tensors there, and the matmul stays outside it, saved and differentiated as any linear's.
+    - in a checkpointed Block (memory first), nf4_matmul: one op the compiler cannot see into, so exactly one
+      dense W is alive at a time (the compiler rebuilt the three MLP weights of a Block's backward together:
+      3 x 86 MiB at the 7B shape, most of a QLoRA step's peak above the weights)."""
+    if not torch.compiler.is_compiling():
+        return type(layer).forward(layer, x)
+    from .nf4 import _TENSOR_FIELDS, _dequantize
+
+    q = layer.qweight
+    tensors = [getattr(q, f) for f in _TENSOR_FIELDS]
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    if layer.__dict__.get("_fast_checkpointed"):  # (set by checkpoint_blocks)
+        if torch.is_autocast_enabled(x.device.type):  # autocast's cast for a linear, by hand (the op has none)
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        y = nf4_matmul(x, *tensors, *q.shape, q.blocksize, q.nested_blocksize, False)
+        return y if bias is None else y + bias.to(y.dtype)
+
+    def dequantize(*tensors):
+        return _dequantize(dataclasses.replace(q, **dict(zip(_TENSOR_FIELDS, tensors))), x.dtype)
+
+    w = torch.utils.checkpoint.checkpoint(dequantize, *tensors, use_reentrant=False)
+    return torch.nn.functional.linear(x, w, bias)
+
+
+@torch.library.custom_op("minipeft::nf4_matmul", mutates_args=())
+def nf4_matmul(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    offset: torch.Tensor | None,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+    nested_blocksize: int,
+    transposed: bool,
+) -> torch.Tensor:
+    """x W^T ((..., in) -> (..., out)), or x W with transposed=True ((..., out) -> (..., in): the input's
+    gradient), W (out, in) dequantized from its 4-bit tensors inside the op, in x's dtype, and dropped after."""
+    w = _dequantizer(x.device)(packed, absmax, offset, nested_absmax, nested_code, (out_features, in_features),
+                               blocksize, nested_blocksize, x.dtype)  # fmt: skip
+    return x @ w if transposed else torch.nn.functional.linear(x, w)
+
+
+@nf4_matmul.register_fake
+def _(x, packed, absmax, offset, nested_absmax, nested_code, out_features, in_features, blocksize, nested, transposed):
+    return x.new_empty(*x.shape[:-1], in_features if transposed else out_features)
+
+
+def _nf4_matmul_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[1:6])
+    ctx.meta = inputs[6:10]
+
+
+def _nf4_matmul_backward(ctx, grad):  # dL/dx = dL/dy W; nothing for the 4-bit tensors (frozen)
+    return nf4_matmul(grad, *ctx.saved_tensors, *ctx.meta, True), *[None] * 10
+
+
+nf4_matmul.register_autograd(_nf4_matmul_backward, setup_context=_nf4_matmul_setup)
+
+
+def _dequantize_from(packed, absmax, offset, nested_absmax, nested_code, shape, blocksize, nested_blocksize, dtype):
+    from .nf4 import NF4Weight, _dequantize
+
+    q = NF4Weight(packed, absmax, torch.Size(shape), dtype, blocksize, offset, nested_absmax, nested_code,
+                  nested_blocksize)  # fmt: skip
+    return _dequantize(q, dtype)
+
+
+def _dequantizer(device):
+    """On a GPU with Triton, one kernel (_triton_dequantize: no float32 temporaries as large as W, which the plain
+    formulation makes eagerly); otherwise the plain formulation. (torch.compile of the plain one, called inside
+    the op, made kernels for dynamic shapes once a second weight shape came: 6x slower than this kernel.)"""
+    if device.type == "cuda" and _triton_kernel() is not None:
+        return _triton_dequantize
+    return _dequantize_from
+
+
+def _triton_dequantize(packed, absmax, offset, nested_absmax, nested_code, shape, blocksize, nested_blocksize, dtype):
+    """dequantize_nf4 bit for bit in one kernel launch (the op runs ~700 times in a 7B step: a host that launched
+    the block scales' few small kernels too was slower than the GPU). Each byte -> its two code values times its
+    block's float32 scale, rounded once to dtype; double quantization's scale, nested_code[absmax] *
+    nested_absmax + offset, rounded after the product and after the sum as _block_absmax (no fused multiply-add)."""
+    import triton
+
+    from .nf4 import NF4_CODE
+
+    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    code = _CODES.get(packed.device)
+    if code is None:
+        code = _CODES[packed.device] = NF4_CODE.to(packed.device, torch.float32)
+    nested = offset is not None
+    n_bytes, block = packed.numel(), 1024
+    _triton_kernel()[(triton.cdiv(n_bytes, block),)](
+        packed, absmax, *((nested_absmax, nested_code, offset) if nested else (absmax,) * 3), code, out, n_bytes,
+        out.numel(), BLOCK=block, HALF_BLOCKSIZE=blocksize // 2, NESTED_BLOCKSIZE=nested_blocksize, NESTED=nested,
+        enable_fp_fusion=False,
+    )  # fmt: skip
+    return out
+
+
+_CODES = {}  # device -> the 16 NF4 values there (a host copy per call would wait for the GPU)
+
+
+@functools.cache
+def _triton_kernel():
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def kernel(packed, absmax, nested_absmax, nested_code, offset, code, out, n_bytes, n, BLOCK: tl.constexpr,
+               HALF_BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr):  # fmt: skip
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # BLOCK bytes -> 2 * BLOCK values
+        mask = offs < n_bytes
+        byte = tl.load(packed + offs, mask=mask, other=0).to(tl.int32)
+        blk = offs // HALF_BLOCKSIZE  # a byte's two values are in one block (block sizes are even)
+        if NESTED:  # absmax holds 8-bit codes of the scales, in blocks of NESTED_BLOCKSIZE
+            c = tl.load(nested_code + tl.load(absmax + blk, mask=mask, other=0).to(tl.int32), mask=mask, other=0.0)
+            scale = c * tl.load(nested_absmax + blk // NESTED_BLOCKSIZE, mask=mask, other=0.0) + tl.load(offset)
+        else:
+            scale = tl.load(absmax + blk, mask=mask, other=0.0)
+        hi, lo = tl.load(code + (byte >> 4)) * scale, tl.load(code + (byte & 15)) * scale  # float32, as bnb
+        o = tl.program_id(0) * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
+        tl.store(out + o, tl.interleave(hi, lo).to(out.dtype.element_ty), mask=o < n)
+
+    return kernel
