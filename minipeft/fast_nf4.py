@@ -28,7 +28,7 @@ def _nf4_forward(layer, x):
         if torch.is_autocast_enabled(x.device.type):  # autocast's cast for a linear, by hand (the op has none)
             x = x.to(torch.get_autocast_dtype(x.device.type))
         y = nf4_matmul(x, *tensors, *q.shape, q.blocksize, q.nested_blocksize, False)
-        return y if bias is None else y + bias.to(y.dtype)
+        return y if bias is None else y + bias.to(x.dtype)
 
     def dequantize(*tensors):
         return _dequantize(dataclasses.replace(q, **dict(zip(_TENSOR_FIELDS, tensors))), x.dtype)

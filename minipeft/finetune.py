@@ -308,9 +308,8 @@ def _finetune(args, device=None, check_only=False):
         m.save_pretrained(path) if config is not None else save_pretrained(m, path, tokenizer)
 
     with run_lock(out) if rank == 0 else contextlib.nullcontext():
-        if (
-            args.overwrite and rank == 0
-        ):  # start afresh: the files of the earlier run are replaced (or removed, when not rewritten)
+        # --overwrite starts afresh: the files of the earlier run are replaced (or removed, when not rewritten)
+        if args.overwrite and rank == 0:
             for stale in (out / n for n in ("checkpoint", "checkpoint.old", f"{kind}-last", "metrics.json")):
                 if stale.is_dir():
                     shutil.rmtree(stale)
