@@ -6,6 +6,9 @@
 #   bash benchmarks/run_h200x2.sh link           the GPUs' topology and NCCL all-reduce bandwidth (allreduce.py)
 #   bash benchmarks/run_h200x2.sh cli            `minipeft finetune --method qlora --fsdp` on 2 GPUs against 1 GPU
 #   bash benchmarks/run_h200x2.sh mem NAME       GPU 0: QLoRA at 7B (1x512, 1x4096) vs Unsloth; GPU 1: 135M and 1B rows
+#   bash benchmarks/run_h200x2.sh recheck NAME   GPU 0: 135M, HF graphs vs minipeft graphs, profiled; 1B LoRA all memory,
+#                                                profiled; the 4-bit op's host time. GPU 1: 1B, HF graphs vs minipeft
+#                                                graphs; QLoRA at 7B 1x4096 vs Unsloth + ckpt
 #   bash benchmarks/run_h200x2.sh profile        1B LoRA all (DDP) and full (FSDP2) on 1 and 2 GPUs, profiled
 # Results and logs go to $OUT (the lent machine's output folder) or /tmp/out.
 set -u
@@ -58,6 +61,17 @@ mem)  # the memory contenders: MEM (default below), every method at 135M and 1B,
     --switches none --out "$out" --name "$2-7b" > "$out/$2-7b.log" 2>&1 &
   CUDA_VISIBLE_DEVICES=1 $B --shapes smollm2-135m,llama-1b --methods $METHODS --contenders $A --switches none \
     --out "$out" --name "$2" > "$out/$2.log" 2>&1 &
+  wait ;;
+recheck)
+  G="--contenders hf_graphs,minipeft_graphs --switches none --methods $METHODS"
+  ( CUDA_VISIBLE_DEVICES=0 $B --shapes smollm2-135m $G --profile --out "$out" --name "$2-135m" > "$out/$2-135m.log" 2>&1
+    CUDA_VISIBLE_DEVICES=0 $B --shapes llama-1b --methods lora_all --contenders unsloth_gc,minipeft_lowmem \
+      --switches none --profile --out "$out" --name "$2-1b-mem" > "$out/$2-1b-mem.log" 2>&1
+    CUDA_VISIBLE_DEVICES=0 python benchmarks/nf4_op_host.py --out "$out/$2-op-host.json" > "$out/$2-op-host.log" 2>&1 ) &
+  ( CUDA_VISIBLE_DEVICES=1 $B --shapes llama-1b $G --out "$out" --name "$2-1b" > "$out/$2-1b.log" 2>&1
+    CUDA_VISIBLE_DEVICES=1 $B --steps 4 --warmup 2 --shapes llama-7b-4k --methods qlora \
+      --contenders unsloth_gc,minipeft_offload,minipeft_lowmem --switches none --out "$out" --name "$2-7b" \
+      > "$out/$2-7b.log" 2>&1 ) &
   wait ;;
 profile)
   P="$D --steps 8 --warmup 4 --compile default"
