@@ -9,6 +9,8 @@
 #   bash benchmarks/run_h200x2.sh recheck NAME   GPU 0: 135M, HF graphs vs minipeft graphs, profiled; 1B LoRA all memory,
 #                                                profiled; the 4-bit op's host time. GPU 1: 1B, HF graphs vs minipeft
 #                                                graphs; QLoRA at 7B 1x4096 vs Unsloth + ckpt
+#   bash benchmarks/run_h200x2.sh order NAME     GPU 0: 135M full and QLoRA, HF graphs and minipeft graphs in both orders,
+#                                                40 steps; GPU 1: QLoRA at 7B 1x4096 vs Unsloth + ckpt, the 4-bit op's host time
 #   bash benchmarks/run_h200x2.sh profile        1B LoRA all (DDP) and full (FSDP2) on 1 and 2 GPUs, profiled
 # Results and logs go to $OUT (the lent machine's output folder) or /tmp/out.
 set -u
@@ -72,6 +74,15 @@ recheck)
     CUDA_VISIBLE_DEVICES=1 $B --steps 4 --warmup 2 --shapes llama-7b-4k --methods qlora \
       --contenders unsloth_gc,minipeft_offload,minipeft_lowmem --switches none --out "$out" --name "$2-7b" \
       > "$out/$2-7b.log" 2>&1 ) &
+  wait ;;
+order)
+  O="--shapes smollm2-135m --methods full,qlora --switches none --steps 40"
+  ( CUDA_VISIBLE_DEVICES=0 $B $O --contenders minipeft_graphs,hf_graphs --out "$out" --name "$2-mh" > "$out/$2-mh.log" 2>&1
+    CUDA_VISIBLE_DEVICES=0 $B $O --contenders hf_graphs,minipeft_graphs --out "$out" --name "$2-hm" > "$out/$2-hm.log" 2>&1 ) &
+  ( CUDA_VISIBLE_DEVICES=1 $B --steps 4 --warmup 2 --shapes llama-7b-4k --methods qlora \
+      --contenders unsloth_gc,minipeft_offload,minipeft_lowmem --switches none --out "$out" --name "$2-7b" \
+      > "$out/$2-7b.log" 2>&1
+    CUDA_VISIBLE_DEVICES=1 python benchmarks/nf4_op_host.py --out "$out/$2-op-host.json" > "$out/$2-op-host.log" 2>&1 ) &
   wait ;;
 profile)
   P="$D --steps 8 --warmup 4 --compile default"
