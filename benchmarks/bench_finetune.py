@@ -60,7 +60,7 @@ def apart(args, shape, names, tmp, log):
     out = os.path.join(tmp, f"apart-{shape}-{names[0]}.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--apart", ",".join(names), "--shapes", shape, "--methods",
            ",".join(args.methods), "--device", args.device, "--tmp", tmp, "--out", out]  # fmt: skip
-    cmd += [f"--{k}={getattr(args, k)}" for k in ("steps", "warmup") if getattr(args, k) is not None]
+    cmd += [f"--{k}={getattr(args, k)}" for k in ("steps", "warmup", "rounds") if getattr(args, k) is not None]
     cmd += ["--quick"] * args.quick + ["--profile"] * args.profile
     proc = subprocess.run(cmd, capture_output=True, text=True)
     log(f"{shape} apart {names}: exit {proc.returncode}\n" + (proc.stdout + proc.stderr)[-3000:])
@@ -79,7 +79,7 @@ def run_apart(args, device, shapes, warmup, steps):
     rows = []
     for shape in shapes:
         env = contenders.Env(shape, device, args.tmp)
-        rows += [harness.run_row(env, m, chosen, warmup, steps, args.profile) for m in args.methods]
+        rows += [harness.run_row(env, m, chosen, warmup, steps, args.profile, rounds=args.rounds) for m in args.methods]
     with open(args.out, "w") as f:
         json.dump(rows, f)
     return 0
@@ -103,6 +103,8 @@ def main(argv=None):
     ap.add_argument("--extras", type=names(("dequant", "generation")), default=["dequant", "generation"])
     ap.add_argument("--steps", type=int, help="timed steps per contender (default 10, --quick: 2)")
     ap.add_argument("--warmup", type=int, help="warm-up steps per contender (default 3, --quick: 1)")
+    ap.add_argument("--rounds", type=int, default=1, help="measure the contenders this many times, in alternating "
+                    "order, each keeping its fastest round (host-bound rows move between processes)")  # fmt: skip
     ap.add_argument(
         "--profile",
         action="store_true",
@@ -115,6 +117,8 @@ def main(argv=None):
     ap.add_argument("--tmp", help=argparse.SUPPRESS)  # internal: the shared folder of the base checkpoints
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but torch.cuda.is_available() is False")
     if args.quick and device.type == "cpu":
@@ -132,7 +136,8 @@ def main(argv=None):
     name = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device)
     date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     command = " ".join(["python", os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else argv))
-    res = dict(meta=dict(command=command, date=date, device_name=name, versions=vers, warmup=warmup, steps=steps),
+    res = dict(meta=dict(command=command, date=date, device_name=name, versions=vers, warmup=warmup, steps=steps,
+                         rounds=args.rounds),
                shapes=shapes, methods=args.methods, contenders=list(chosen), rows=[])  # fmt: skip
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, args.name or f"{'cpu-quick' if args.quick else name.split()[-1].lower()}-{date[:10]}")
@@ -159,7 +164,7 @@ def main(argv=None):
             elsewhere = [apart(args, shape, g, tmp, log) for g in groups]  # first: the main process holds nothing yet
             for method in args.methods:
                 done = {n: r for e in elsewhere for n, r in e.get(method, {}).items()}
-                row = harness.run_row(env, method, here, warmup, steps, args.profile, done)
+                row = harness.run_row(env, method, here, warmup, steps, args.profile, done, args.rounds)
                 res["rows"].append(row)
                 for n, r in row["results"].items():
                     log(f"{shape} {method} {n}: " + (r["error"] if "error" in r else

@@ -282,25 +282,50 @@ def parity(results):
     return why
 
 
-def run_row(env, method, contenders, warmup, steps, profile=False, measured_apart=None):
+def measure_one(env, method, name, build, warmup, steps, profile):
+    """One contender built, measured and freed: measure()'s result, {"error": ...}, or None (a method it does
+    not cover)."""
+    torch.compiler.reset()  # fresh caches: past 8 variants of the one Block.forward dynamo silently runs eager
+    free(env.device)
+    left = torch.cuda.memory_allocated() / 2**30 if env.device.type == "cuda" else 0.0
+    if left > 0.05:  # a contender before this one did not free its model: this one's peak counts it too
+        print(f"WARNING {env.shape} {method} {name}: {left:.2f} GiB still allocated before it is built")
+    try:
+        trainee = build(env, method)  # None: a method this contender does not cover (hf_bnb: QLoRA only)
+        if trainee is None:
+            return None
+        return dict(measure(trainee, env.device, warmup, steps, profile), leftover_gib=left)
+    except Exception as e:  # noqa: BLE001  one failing contender must not stop the others
+        return dict(error=f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}")
+
+
+def fastest(runs):
+    """A contender's rounds -> one result: the first error if a round failed, else the fastest round, with every
+    round's step time (rounds_ms) and the highest peak of them."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    peaks = [r["peak_mem_gib"] for r in runs if r.get("peak_mem_gib") is not None]
+    best = min(runs, key=lambda r: r["step_ms"])
+    return dict(best, rounds_ms=[r["step_ms"] for r in runs], **({"peak_mem_gib": max(peaks)} if peaks else {}))
+
+
+def run_row(env, method, contenders, warmup, steps, profile=False, measured_apart=None, rounds=1):
     """One (shape, method): each contender built, measured and freed in turn, then the parity check over them and
-    `measured_apart` (contender -> the result measure() gave in another process: see bench_finetune.py --apart)."""
+    `measured_apart` (contender -> the result measure() gave in another process: see bench_finetune.py --apart).
+    rounds > 1: the contenders are measured that many times, the order reversed every other round, and each keeps
+    its fastest round (host-bound steps, as at the 135M shape, moved by 30% between processes: the order and
+    the host's state, not the library), with every round's step time in `rounds_ms` and the highest peak."""
     B, T = SHAPES[env.shape]["batch"], SHAPES[env.shape]["seq"]
     row = dict(shape=env.shape, method=method, batch=B, seq=T, flops_per_step=step_flops(env.cfg, B, T, method))
     row["results"] = results = dict(measured_apart or {})
-    for name, build in contenders.items():
-        torch.compiler.reset()  # fresh caches: past 8 variants of the one Block.forward dynamo silently runs eager
-        free(env.device)
-        left = torch.cuda.memory_allocated() / 2**30 if env.device.type == "cuda" else 0.0
-        if left > 0.05:  # a contender before this one did not free its model: this one's peak counts it too
-            print(f"WARNING {env.shape} {method} {name}: {left:.2f} GiB still allocated before it is built")
-        try:
-            trainee = build(env, method)  # None: a method this contender does not cover (hf_bnb: QLoRA only)
-            if trainee is not None:
-                results[name] = dict(measure(trainee, env.device, warmup, steps, profile), leftover_gib=left)
-        except Exception as e:  # noqa: BLE001  one failing contender must not stop the others
-            results[name] = dict(error=f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}")
-        trainee = None  # freed before the next one is built
+    runs, names = {}, list(contenders)
+    for i in range(rounds):
+        for name in names if i % 2 == 0 else names[::-1]:
+            r = measure_one(env, method, name, contenders[name], warmup, steps, profile)
+            if r is not None:
+                runs.setdefault(name, []).append(r)
+    results.update({name: fastest(rs) for name, rs in runs.items()})
     for r in results.values():
         if "step_ms" in r and "tokens_per_s" not in r:
             r.update(tokens_per_s=B * T / r["step_ms"] * 1e3, tflops=row["flops_per_step"] / r["step_ms"] / 1e9)
@@ -311,10 +336,13 @@ def run_row(env, method, contenders, warmup, steps, profile=False, measured_apar
 def markdown(res):
     """The run's header and a table per shape: one line per (method, contender), ratios against REFERENCE."""
     m, peak = res["meta"], res["peak"]["tflops"]
+    rounds = (
+        f", each contender's fastest of {m['rounds']} rounds in alternating order" if m.get("rounds", 1) > 1 else ""
+    )
     lines = [f"# Fine-tuning benchmark: {m['device_name']}, {m['date']}", "", f"Command: `{m['command']}`  ",
              ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + "  ",
              f"bf16 matmul peak {peak:.0f} TFLOP/s; {m['warmup']} warm-up + {m['steps']} timed steps per contender, "
-             "medians; x HF: against `hf` (`hf_bnb` for QLoRA) in this run; x best: against the fastest anchor of "
+             f"medians{rounds}; x HF: against `hf` (`hf_bnb` for QLoRA) in this run; x best: against the fastest anchor of "
              "the row (every contender not minipeft's), mem x best: against the anchor with the lowest peak.", ""]  # fmt: skip
     fmt = lambda x, spec=".2f": "-" if x is None else format(x, spec)  # noqa: E731
     for shape in res["shapes"]:

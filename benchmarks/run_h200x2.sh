@@ -11,6 +11,8 @@
 #                                                graphs; QLoRA at 7B 1x4096 vs Unsloth + ckpt
 #   bash benchmarks/run_h200x2.sh order NAME     GPU 0: 135M full and QLoRA, HF graphs and minipeft graphs in both orders,
 #                                                40 steps; GPU 1: QLoRA at 7B 1x4096 vs Unsloth + ckpt, the 4-bit op's host time
+#   bash benchmarks/run_h200x2.sh rounds NAME    HF graphs vs minipeft graphs, every method: 135M on GPU 0 (3 rounds, 30
+#                                                steps), 1B on GPU 1 (2 rounds); each process pinned to 8 cores of its own
 #   bash benchmarks/run_h200x2.sh profile        1B LoRA all (DDP) and full (FSDP2) on 1 and 2 GPUs, profiled
 # Results and logs go to $OUT (the lent machine's output folder) or /tmp/out.
 set -u
@@ -83,6 +85,13 @@ order)
       --contenders unsloth_gc,minipeft_offload,minipeft_lowmem --switches none --out "$out" --name "$2-7b" \
       > "$out/$2-7b.log" 2>&1
     CUDA_VISIBLE_DEVICES=1 python benchmarks/nf4_op_host.py --out "$out/$2-op-host.json" > "$out/$2-op-host.log" 2>&1 ) &
+  wait ;;
+rounds)
+  R="--contenders hf_graphs,minipeft_graphs --switches none --methods $METHODS"
+  CUDA_VISIBLE_DEVICES=0 taskset -c 0-7 $B --shapes smollm2-135m $R --rounds 3 --steps 30 --out "$out" \
+    --name "$2-135m" > "$out/$2-135m.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 taskset -c 16-23 $B --shapes llama-1b $R --rounds 2 --out "$out" --name "$2-1b" \
+    > "$out/$2-1b.log" 2>&1 &
   wait ;;
 profile)
   P="$D --steps 8 --warmup 4 --compile default"

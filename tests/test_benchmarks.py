@@ -89,6 +89,40 @@ def test_parity_check_fails_a_row_whose_contenders_differ(tmp_path, monkeypatch)
     assert "| lora_qv | nudged |" in md and "| FAILED |" in md and "| lora_qv | **FAILED** | step-1 losses" in md
 
 
+def test_rounds_alternate_the_order_and_keep_each_contenders_fastest(tmp_path, monkeypatch):
+    """--rounds 3: the contenders are measured a, b / b, a / a, b; each keeps its fastest round's result, with all
+    its rounds' step times and the highest peak of them; a contender that failed in any round stays failed."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import contenders
+    import harness
+
+    order, times = [], {"a": [30.0, 20.0, 25.0], "b": [10.0, 12.0, 11.0], "c": [5.0, 5.0, 5.0]}
+    peaks = {"a": [1.0, 1.5, 1.2], "b": [2.0, 2.0, 2.5], "c": [1.0, 1.0, 1.0]}
+
+    def measure(trainee, device, warmup, steps, profile=False):
+        name, i = trainee, order.count(trainee) - 1
+        return dict(step_ms=times[name][i], peak_mem_gib=peaks[name][i], trainable_params=1, loss_first=2.0)
+
+    def builder(name):
+        def build(env, method):
+            order.append(name)
+            if name == "c" and order.count("c") == 2:
+                raise RuntimeError("second round failed")
+            return name
+
+        return build
+
+    monkeypatch.setattr(harness, "measure", measure)
+    env = contenders.Env("tiny", torch.device("cpu"), str(tmp_path))
+    row = harness.run_row(env, "lora_qv", {n: builder(n) for n in "abc"}, 0, 1, rounds=3)
+    assert order == list("abccbaabc")
+    a, b = row["results"]["a"], row["results"]["b"]
+    assert (a["step_ms"], a["rounds_ms"], a["peak_mem_gib"]) == (20.0, [30.0, 20.0, 25.0], 1.5)
+    assert (b["step_ms"], b["rounds_ms"], b["peak_mem_gib"]) == (10.0, [10.0, 12.0, 11.0], 2.5)
+    assert row["results"]["c"]["error"].startswith("RuntimeError: second round failed")
+    assert row["failed"] and row["failed"][0].startswith("c: RuntimeError")
+
+
 @pytest.mark.skipif(not importable("transformers", "peft"), reason="transformers and peft are optional")
 def test_hf_contenders_compute_what_minipeft_computes(tmp_path, monkeypatch):
     """transformers + peft on minipeft's weights pass the parity check against minipeft in every method (QLoRA
