@@ -29,7 +29,7 @@ Why each pays, in one line:
 - 4-bit layers under compile: the compiler would keep the dequantized (out, in) weight for backward (a 16-bit
   model's memory); a checkpointed region around the dequantization alone makes it recompute W instead. In
   checkpointed Blocks (memory first) each 4-bit layer is one opaque op, nf4_matmul, with a Triton dequantization
-  kernel: one dense W alive at a time (7B QLoRA, 4k tokens: 5.30 -> 4.98 GiB, 0.92 -> 0.81x Unsloth's speed).
+  kernel: one dense W alive at a time (7B QLoRA, 4k tokens: 5.30 -> 4.98 GiB at 0.98x Unsloth's speed).
 - optimizer in backward: the gradients of the whole model never exist at once (7B full fine-tuning: 50.5 ->
   41.8 GiB); it needs grad_accum=1 and no clipping, and pays only when the optimizer step is the peak.
 """
