@@ -62,9 +62,22 @@ def _block_forward(layer, *args):
     if fast["checkpoint"] and layer.training and torch.is_grad_enabled():
         if fast["checkpoint"] == "offload":  # the checkpoint saves its inputs as saved tensors: these hooks move them
             with torch.autograd.graph.saved_tensors_hooks(_to_host, _to_device):
-                return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
-        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+                return _checkpoint(fn, *args)
+        return _checkpoint(fn, *args)
     return fn(*args)
+
+
+def _checkpoint(fn, *args):
+    """torch.utils.checkpoint (non-reentrant), keeping the random state of the device the tensors are on. With CPU
+    tensors alone torch keeps the default device type's ("cuda") and raises if CUDA starts during the forward,
+    which the first compile of a CPU model does on a machine with a GPU (pytest there, or --device cpu)."""
+    default = torch.utils.checkpoint.DefaultDeviceType.get_device_type()
+    if all(a.device.type == "cpu" for a in args if isinstance(a, torch.Tensor)):
+        torch.utils.checkpoint.DefaultDeviceType.set_device_type("cpu")
+    try:
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    finally:
+        torch.utils.checkpoint.DefaultDeviceType.set_device_type(default)
 
 
 def _to_host(t):

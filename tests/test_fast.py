@@ -94,6 +94,30 @@ def test_offloaded_checkpoint_keeps_each_block_input_on_the_host_and_changes_not
         assert torch.allclose(weights[n], w, rtol=1e-9, atol=1e-12), (n, (weights[n] - w).abs().max())
 
 
+def test_a_checkpointed_cpu_block_survives_cuda_starting_inside_it(monkeypatch):
+    """On a machine with a GPU, the first compile of a CPU model starts CUDA inside the checkpointed forward, and
+    torch.utils.checkpoint raised (it had kept the default device type's random state, "cuda"; tests/test_fast.py
+    on an H200 failed so). Started here by hand: the checkpointed Blocks keep the CPU's random state instead, so
+    LoRA dropout's masks repeat in the recompute and the gradients equal the plain model's."""
+    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpoint in (False, True):
+        torch.manual_seed(0)
+        model = Transformer(tiny_config(vocab_size=97, max_position_embeddings=32)).double()
+        model = get_peft_model(model, LoraConfig(r=4, lora_dropout=0.5, init_lora_weights=False)).train()
+        fast.checkpoint_blocks(model, enabled=checkpoint)
+        monkeypatch.setattr(torch.cuda, "_initialized", False)
+        monkeypatch.setattr(torch.utils.checkpoint.DefaultDeviceType, "_default_device_type", "cuda")  # a GPU's
+        start = lambda *_: setattr(torch.cuda, "_initialized", True)  # noqa: E731  (what the compile does)
+        fast.blocks(model)[0].self_attn.register_forward_pre_hook(start)
+        torch.manual_seed(1)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-12, atol=1e-14, msg=n)
+
+
 def test_checkpointed_blocks_keep_no_keys_or_values_while_the_loss_runs():
     """With use_cache=False no layer's keys and values outlive its Block: under checkpointing nothing of a Block
     stays but its input, so when the loss runs (the forward's highest point) no (B, K, T, hd) tensor is alive.
