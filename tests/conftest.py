@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from minipeft.checkpoint import SMOLLM2
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N processes share the cores. One thread each (and in the
+    os.environ["OMP_NUM_THREADS"] = "1"  # notebooks' kernels, which inherit it), or OpenMP's threads wait on each other
+    import torch
+
+    torch.set_num_threads(1)
+
+from minipeft.checkpoint import SMOLLM2  # noqa: E402
 
 
 @pytest.fixture(scope="session")
