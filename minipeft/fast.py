@@ -68,9 +68,8 @@ def _block_forward(layer, *args):
 
 
 def _checkpoint(fn, *args):
-    """torch.utils.checkpoint (non-reentrant), keeping the random state of the device the tensors are on. With CPU
-    tensors alone torch keeps the default device type's ("cuda") and raises if CUDA starts during the forward,
-    which the first compile of a CPU model does on a machine with a GPU (pytest there, or --device cpu)."""
+    """torch.utils.checkpoint, keeping the random state of the tensors' device. For CPU tensors torch keeps the default
+    device's ("cuda" on a GPU machine) and raises if a CPU model's first compile starts CUDA inside the forward."""
     default = torch.utils.checkpoint.DefaultDeviceType.get_device_type()
     if all(a.device.type == "cpu" for a in args if isinstance(a, torch.Tensor)):
         torch.utils.checkpoint.DefaultDeviceType.set_device_type("cpu")
