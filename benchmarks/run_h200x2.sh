@@ -13,6 +13,8 @@
 #                                                40 steps; GPU 1: QLoRA at 7B 1x4096 vs Unsloth + ckpt, the 4-bit op's host time
 #   bash benchmarks/run_h200x2.sh rounds NAME    HF graphs vs minipeft graphs, every method: 135M on GPU 0 (3 rounds, 30
 #                                                steps), 1B on GPU 1 (2 rounds); each process pinned to 8 cores of its own
+#   bash benchmarks/run_h200x2.sh mlp NAME       the CUDA tests of tests/test_fast.py, then the LoRA and QLoRA rows' memory
+#                                                contenders: 1B on GPU 0, 135M on GPU 1 (fast_mlp's hand-written backward)
 #   bash benchmarks/run_h200x2.sh profile        1B LoRA all (DDP) and full (FSDP2) on 1 and 2 GPUs, profiled
 # Results and logs go to $OUT (the lent machine's output folder) or /tmp/out.
 set -u
@@ -92,6 +94,12 @@ rounds)
     --name "$2-135m" > "$out/$2-135m.log" 2>&1 &
   CUDA_VISIBLE_DEVICES=1 taskset -c 16-23 $B --shapes llama-1b $R --rounds 2 --out "$out" --name "$2-1b" \
     > "$out/$2-1b.log" 2>&1 &
+  wait ;;
+mlp)
+  M="--methods lora_qv,lora_all,qlora --contenders unsloth_gc,minipeft_offload,minipeft_lowmem --switches none"
+  ( python -m pytest -p no:cacheprovider -n 0 -q tests/test_fast.py -k "triton or cuda" > "$out/$2-cuda-test.log" 2>&1
+    CUDA_VISIBLE_DEVICES=0 $B --shapes llama-1b $M --out "$out" --name "$2-1b" > "$out/$2-1b.log" 2>&1 ) &
+  CUDA_VISIBLE_DEVICES=1 $B --shapes smollm2-135m $M --out "$out" --name "$2-135m" > "$out/$2-135m.log" 2>&1 &
   wait ;;
 profile)
   P="$D --steps 8 --warmup 4 --compile default"

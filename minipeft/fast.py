@@ -43,8 +43,10 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from .data import IGNORE_INDEX
+from .fast_mlp import _mlp_forward
 from .fast_nf4 import _nf4_forward, nf4_matmul  # noqa: F401  (nf4_matmul: the op, for tests and users)
 from .loss import HALF
+from .model import MLP
 
 # ------------------------------------------------------------------------------------- blocks: compile, checkpoint
 
@@ -108,6 +110,8 @@ def compile_blocks(model, **options):
         for m in layer.modules():
             if hasattr(m, "qweight") and "forward" not in m.__dict__:  # a 4-bit layer (nf4.NF4Linear)
                 m.forward = types.MethodType(_nf4_forward, m)  # (one function for all: no recompile per layer)
+        if type(getattr(layer, "mlp", None)) is MLP and "forward" not in layer.mlp.__dict__:
+            layer.mlp.forward = types.MethodType(_mlp_forward, layer.mlp)  # in checkpointed Blocks: fast_mlp
     base = getattr(model, "base_model", model)
     base.fused_loss = True  # (read by the chunked loss: its chunks run compiled)
     return model
@@ -119,7 +123,7 @@ def checkpoint_blocks(model, enabled=True, offload=False):
     for layer in blocks(model):
         _levers(layer)["checkpoint"] = "offload" if enabled and offload else bool(enabled)
         for m in layer.modules():
-            if hasattr(m, "qweight"):  # a 4-bit layer: compiled, it will run as one opaque op (_nf4_forward)
+            if hasattr(m, "qweight") or type(m) is MLP:  # compiled, one opaque op (_nf4_forward, _mlp_forward)
                 m._fast_checkpointed = bool(enabled)
     return model
 

@@ -8,6 +8,7 @@ import torch
 from helpers import tiny_config
 
 import minipeft.fast as fast
+import minipeft.fast_mlp as fast_mlp
 import minipeft.fast_nf4 as fast_nf4
 from minipeft import AdapterConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from minipeft.model import Transformer
@@ -273,6 +274,36 @@ def test_the_triton_dequantization_equals_the_library_bit_for_bit():
                                    x @ dequantize_nf4(q).T)  # fmt: skip
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA kernel: its GPU run is in benchmarks/results")
+def test_the_triton_swiglu_kernels_equal_torch():
+    """fast_mlp's two SwiGLU kernels (in lora_mlp on a GPU) against torch's ops and autograd in float32 from the same
+    16-bit inputs: h = silu(e) * g, de and dg within the 16-bit type's rounding (assert_close's defaults); a size
+    that is no multiple of the kernels' block. Then lora_mlp in bf16 against the reference MLP's bf16 autograd."""
+    assert fast_mlp._triton_kernels() is not None
+    torch.manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16):
+        e, g, dh = (torch.randn(3001, 37, device="cuda", dtype=dtype) * 3 for _ in range(3))
+        h = fast_mlp._swiglu(e, g)
+        torch.testing.assert_close(h, torch.nn.functional.silu(e) * g)
+        e32, g32 = e.float().requires_grad_(), g.float().requires_grad_()
+        de_want, dg_want = torch.autograd.grad(torch.nn.functional.silu(e32) * g32, [e32, g32], dh.float())
+        de, dg = fast_mlp._swiglu_backward(dh.clone(), e, g)
+        torch.testing.assert_close(de, de_want.to(dtype)), torch.testing.assert_close(dg, dg_want.to(dtype))
+
+    model = get_peft_model(Transformer(tiny_config()).cuda().bfloat16(),
+                           LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))  # fmt: skip
+    mlp = fast.blocks(model)[0].mlp
+    parts = [fast_mlp._parts(getattr(mlp, n), torch.bfloat16, False) for n in ("gate_proj", "up_proj", "down_proj")]
+    x = torch.randn(4, 33, model.config.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = fast_mlp.lora_mlp(x, [s for *_, s in parts], *[t for W, A, B, s in parts for t in (W, A, B)])
+    ref = mlp(x)
+    torch.testing.assert_close(y, ref)
+    adapters = [p for p in mlp.parameters() if p.requires_grad]
+    grads = [torch.autograd.grad(out, [x, *adapters], torch.ones_like(out)) for out in (y, ref)]
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
 def test_a_compiled_block_outputs_only_its_hidden_states_when_training():
     """Without use_cache a Block returns no keys and values: as outputs of each compiled graph their (zero)
     gradients were made and copied into every backward graph each step (135M LoRA q,v with CUDA graphs: 0.88 ->
@@ -294,3 +325,53 @@ def test_a_compiled_block_outputs_only_its_hidden_states_when_training():
     block = fast.blocks(model)[0]
     assert block(x, cos, sin, None)[1] is None and len(block(x, cos, sin, None, None, True)[1]) == 2
     torch._dynamo.reset()
+
+
+def test_checkpointed_compiled_mlps_run_as_one_op_with_a_handwritten_backward():
+    """fast_mlp.lora_mlp (the MLP of a checkpointed compiled Block: SwiGLU and its adapters in one op, Unsloth's
+    hand-written backward) against the reference MLP in float64, with non-zero adapters on some projections and
+    none on another: output and gradients for x, A and B; opcheck on both ops. Then which Blocks use it: a
+    checkpointed LoRA model's, not with dropout, DoRA on the MLP, full fine-tuning or without checkpointing."""
+    torch.manual_seed(0)
+    model = get_peft_model(build("full"), LoraConfig(r=4, target_modules=["gate_proj", "down_proj"],
+                                                     init_lora_weights=False, lora_alpha=3))  # fmt: skip
+    mlp = fast.blocks(model)[0].mlp
+    x = torch.randn(2, 5, model.config.hidden_size, dtype=torch.float64, requires_grad=True)
+    parts = [fast_mlp._parts(getattr(mlp, n), torch.float64, False) for n in ("gate_proj", "up_proj", "down_proj")]
+    weights = [t for W, A, B, s in parts for t in (W, A, B)]
+    assert [w.size(0) for w in weights[1::3]] == [4, 0, 4] and parts[0][3] == 3 / 4
+    y = fast_mlp.lora_mlp(x, [s for *_, s in parts], *weights)
+    ref = mlp(x)
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
+    adapters = [p for n, p in mlp.named_parameters() if p.requires_grad]
+    assert len(adapters) == 4
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, *adapters], g)
+    want = torch.autograd.grad(ref, [x, *adapters], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    scaling = [s for *_, s in parts]
+    weights = [w.detach() for w in weights]
+    torch.library.opcheck(torch.ops.minipeft.lora_mlp.default, (x.detach(), weights, scaling))
+    args = (g, x.detach(), *fast_mlp._lora_mlp_impl(x.detach(), weights, scaling)[1:], weights, scaling)
+    torch.library.opcheck(torch.ops.minipeft.lora_mlp_backward.default, args)
+
+    def ops(method, checkpoint=True, **config):
+        torch._dynamo.reset()
+        graphs = []
+        model = build("full")
+        if config:
+            model = get_peft_model(model, LoraConfig(r=4, init_lora_weights=False, **config))
+        fast.checkpoint_blocks(model, enabled=checkpoint)
+        fast.compile_blocks(model, backend=lambda gm, _: graphs.append(gm) or gm.forward).train()
+        ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+        model(input_ids=ids, labels=ids).loss.backward()
+        torch._dynamo.reset()
+        nodes = [n for gm in graphs for m in gm.modules() for n in m.graph.nodes]  # (the Function's are subgraphs)
+        return any("minipeft.lora_mlp" in str(n.target) for n in nodes)
+
+    assert ops("lora", target_modules="all-linear") and ops("lora q,v", target_modules=["q_proj", "v_proj"])
+    assert not ops("lora", checkpoint=False, target_modules="all-linear")
+    assert not ops("dropout", target_modules="all-linear", lora_dropout=0.1)
+    assert not ops("dora", target_modules="all-linear", use_dora=True)
+    assert not ops("full")
