@@ -8,6 +8,7 @@ method it does not cover).
     minipeft_gc       + compiled, fast.checkpoint_blocks(model)             finetune --compile --grad-checkpoint
     minipeft_offload  + compiled, checkpoint_blocks(model, offload=True)    finetune --compile --grad-checkpoint offload
     minipeft_lowmem   + step_in_backward, loss chunks of 2**24 logits    ... --optimizer-in-backward --loss-chunk N
+    minipeft_offload_nomlp, minipeft_lowmem_nomlp   the same without fast_mlp's op (the compiler's own MLP): A/B
     hf                transformers + peft as shipped (eager); not QLoRA
     hf_bnb            transformers + peft + bitsandbytes: QLoRA only
     hf_compile        hf (hf_bnb for QLoRA) with torch.compile of each decoder layer, as compile_blocks does ours
@@ -125,15 +126,18 @@ def minipeft_model(env, method):
     return mp.get_peft_model(mp.quantize_model(base) if method == "qlora" else base, config)
 
 
-def _apply_levers(model, optimizer, compile=None, checkpoint=False, in_backward=False, chunk_logits=None):
+def _apply_levers(model, optimizer, compile=None, checkpoint=False, in_backward=False, chunk_logits=None, mlp_op=True):
     """The library's speed levers (minipeft.fast), the one place that calls them; returns the optimizer's hooks.
     `compile`: torch.compile options ({} for the defaults), None for no compile; checkpoint: True or "offload";
-    chunk_logits: logits per loss chunk (None: fast.default_chunk, 2**26)."""
+    chunk_logits: logits per loss chunk (None: fast.default_chunk, 2**26); mlp_op=False: checkpointed Blocks keep
+    the compiler's own MLP (no fast_mlp op), to measure what the op changes."""
     vocab = getattr(model, "base_model", model).config.vocab_size
     chunk = max(64, chunk_logits // vocab) if chunk_logits else None
     fast.chunked_loss(model, chunk=chunk)  # train()'s default (TrainConfig.chunked_loss): no (B, T, V) logits
     if checkpoint:
         fast.checkpoint_blocks(model, offload=checkpoint == "offload")
+        for layer in fast.blocks(model) if not mlp_op else []:
+            layer.mlp.__dict__.pop("_fast_checkpointed", None)
     if compile is not None:
         fast.compile_blocks(model, **compile)
     return fast.step_in_backward(optimizer) if in_backward else []
@@ -262,6 +266,8 @@ MINIPEFT = {  # contender -> its levers
     "minipeft_gc": dict(compile={}, checkpoint=True),
     "minipeft_offload": dict(compile={}, checkpoint="offload"),
     "minipeft_lowmem": dict(compile={}, checkpoint="offload", in_backward=True, chunk_logits=2**24),
+    "minipeft_offload_nomlp": dict(compile={}, checkpoint="offload", mlp_op=False),  # (A/B of fast_mlp's op)
+    "minipeft_lowmem_nomlp": dict(compile={}, checkpoint="offload", in_backward=True, chunk_logits=2**24, mlp_op=False),
 }
 CONTENDERS = {name: functools.partial(minipeft, **levers) for name, levers in MINIPEFT.items()}
 CONTENDERS.update(hf=hf, hf_bnb=hf_bnb, hf_compile=functools.partial(hf_trainee, compile={}),

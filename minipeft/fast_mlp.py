@@ -11,7 +11,8 @@ Backward, from dy (N, D); for any projection z = P(u) with upstream gradient dz:
     SwiGLU:  dg = dh * silu(e),   de = dh * g * silu'(e),   silu'(e) = sig(e) (1 + e (1 - sig(e)))
     dx = (de through gate) + (dg through up)
 Saved for backward: x, e, g. In backward h is rebuilt for dA_d and dB_d, then its memory takes dh, and the SwiGLU
-kernel writes de over dh: e, g, dh, dg at the peak.
+kernel writes de over dh: e, g, dh, dg at the peak. The forward is torch ops (compiled and fused with the Block's);
+the backward is one op the compiler cannot see into, so what the forward saves is exactly x, e and g.
 """
 
 import functools
@@ -21,7 +22,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 _LIB = torch.library.Library("minipeft", "FRAGMENT")  # (fast_nf4 defines the namespace)
-_LIB.define("lora_mlp(Tensor x, Tensor[] weights, float[] scaling) -> (Tensor, Tensor, Tensor)")
 _LIB.define(
     "lora_mlp_backward(Tensor grad, Tensor x, Tensor e, Tensor g, Tensor[] weights, float[] scaling) -> Tensor[]"
 )
@@ -32,12 +32,13 @@ def _project(u, W, A, B, s):  # P(u) = u W^T + s (u A^T) B^T: (N, in) -> (N, out
     return z.addmm_(u @ A.T, B.T, alpha=s) if A.size(0) else z
 
 
-def _lora_mlp_impl(x, weights, scaling):
-    """y = down(silu(gate(x)) * up(x)), with e = gate(x) and g = up(x) (N, I) for backward."""
+def _lora_mlp_forward(x, weights, scaling):
+    """y = down(silu(gate(x)) * up(x)), with e = gate(x) and g = up(x) (N, I) for backward. Plain torch ops: the
+    compiler fuses them (an opaque op here cost the host more per call than the GPU's work took at the 1B shape)."""
     Wg, Ag, Bg, Wu, Au, Bu, Wd, Ad, Bd = weights
     u = x.reshape(-1, x.size(-1))  # (N, D)
     e, g = _project(u, Wg, Ag, Bg, scaling[0]), _project(u, Wu, Au, Bu, scaling[1])
-    y = _project(_swiglu(e, g), Wd, Ad, Bd, scaling[2])
+    y = _project(F.silu(e) * g, Wd, Ad, Bd, scaling[2])
     return y.view(*x.shape[:-1], y.size(-1)), e, g
 
 
@@ -68,14 +69,7 @@ def _lora_mlp_backward_impl(grad, x, e, g, weights, scaling):
     return [dx.view(x.shape), dAg, dBg, dAu, dBu, dAd, dBd]
 
 
-_LIB.impl("lora_mlp", _lora_mlp_impl, "CompositeExplicitAutograd")
 _LIB.impl("lora_mlp_backward", _lora_mlp_backward_impl, "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake("minipeft::lora_mlp", lib=_LIB)
-def _(x, weights, scaling):
-    N, I, D = x.numel() // x.size(-1), weights[0].size(0), weights[6].size(0)
-    return x.new_empty(*x.shape[:-1], D), x.new_empty(N, I), x.new_empty(N, I)
 
 
 @torch.library.register_fake("minipeft::lora_mlp_backward", lib=_LIB)
@@ -84,38 +78,39 @@ def _(grad, x, e, g, weights, scaling):
 
 
 class _LoraMLP(torch.autograd.Function):
-    """The two ops as one differentiable function: gradients for x and the adapters, none for the frozen W."""
+    """The forward in torch ops, the backward one op (the compiler cannot see into it, so it keeps what the forward
+    saves and nothing else): gradients for x and the adapters, none for the frozen W."""
 
     @staticmethod
-    def forward(ctx, x, scaling, *weights):
-        y, e, g = torch.ops.minipeft.lora_mlp(x, list(weights), scaling)
+    def forward(ctx, x, sg, su, sd, *weights):
+        y, e, g = _lora_mlp_forward(x, weights, (sg, su, sd))
         ctx.save_for_backward(x, e, g, *weights)
-        ctx.scaling = scaling
+        ctx.scaling = (sg, su, sd)
         return y
 
     @staticmethod
     def backward(ctx, grad):
         x, e, g, *weights = ctx.saved_tensors
-        dx, *adapters = torch.ops.minipeft.lora_mlp_backward(grad, x, e, g, list(weights), ctx.scaling)
-        grads = [None if i % 3 == 0 else adapters.pop(0) for i in range(9)]  # W_P frozen: no gradient
-        return dx, None, *grads
+        dx, dAg, dBg, dAu, dBu, dAd, dBd = torch.ops.minipeft.lora_mlp_backward(grad, x, e, g, weights, ctx.scaling)
+        return dx, None, None, None, None, dAg, dBg, None, dAu, dBu, None, dAd, dBd  # W_P frozen: no gradient
 
 
 def lora_mlp(x, scaling, *weights):
     """down(silu(gate(x)) * up(x)) with adapters: weights = (W_g, A_g, B_g, W_u, A_u, B_u, W_d, A_d, B_d), all in
-    x's dtype, scaling = [s_g, s_u, s_d] (see the module's docstring)."""
-    return _LoraMLP.apply(x, list(scaling), *weights)
+    x's dtype, scaling = (s_g, s_u, s_d) (see the module's docstring)."""
+    return _LoraMLP.apply(x, *scaling, *weights)
 
 
 def _mlp_forward(mlp, x):
     """An MLP's forward in a checkpointed Block under torch.compile: lora_mlp when its three projections are frozen
-    Linears without bias, each with one plain LoRA adapter or none; anything else (full fine-tuning, dropout, DoRA,
-    a 4-bit or adapted layer, a mixed batch) and eager runs take the plain forward (model.MLP)."""
+    Linears without bias, each with one plain LoRA adapter or none, at least one with one; anything else (no
+    adapter, full fine-tuning, dropout, DoRA, a 4-bit or adapted layer, a mixed batch) and eager runs take the plain
+    forward (model.MLP)."""
     if torch.compiler.is_compiling() and mlp.__dict__.get("_fast_checkpointed"):
         autocast = torch.is_autocast_enabled(x.device.type)
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         parts = [_parts(getattr(mlp, n), dtype, autocast) for n in ("gate_proj", "up_proj", "down_proj")]
-        if None not in parts:
+        if None not in parts and any(A.size(0) for _, A, _, _ in parts):  # (frozen MLPs: the compiler's is as lean)
             weights = [t for W, A, B, s in parts for t in (W, A, B)]
             return lora_mlp(x.to(dtype), [s for *_, s in parts], *weights)
     return type(mlp).forward(mlp, x)

@@ -11,7 +11,9 @@ from minipeft.checkpoint import load_pretrained
 from minipeft.cli import DEFAULT_DATA, main
 from minipeft.peft import PeftModel
 
-FAST = ["--steps", "6", "--eval-every", "3", "--batch-size", "4", "--seq-len", "48"]
+# --device cpu: the runs compare float32 numbers (and print CPU losses) at float32 tolerances; the default, auto,
+# would train on a GPU where there is one, in bfloat16
+FAST = ["--steps", "6", "--eval-every", "3", "--batch-size", "4", "--seq-len", "48", "--device", "cpu"]
 
 
 def finetune(tmp_path, *extra, name="run", samples=False):
@@ -397,7 +399,9 @@ def test_init_lora_weights_pissa_and_loftq_from_the_command_line(tmp_path, capsy
     """--init-lora-weights: PiSSA rewrites the base so the model starts unchanged (step 0 equals the base model's
     loss); LoftQ (with --method qlora) starts nearer the full-precision model than plain QLoRA on the same 4-bit
     settings; both are the library's LoraConfig(init_lora_weights=...) in the saved adapter_config.json."""
-    common = ["--steps", "1", "--eval-every", "0", "--batch-size", "4", "--seq-len", "32", "--no-samples"]
+    # on the CPU, as FAST: float32, where PiSSA's step 0 equals the base model's loss to 1e-5
+    common = ["--steps", "1", "--eval-every", "0", "--batch-size", "4", "--seq-len", "32", "--no-samples",
+              "--device", "cpu"]  # fmt: skip
 
     def run(name, *flags):
         out = tmp_path / name

@@ -446,8 +446,15 @@ def test_fsdp_refuses_adapters_it_does_not_shard(spawned):
             ["--nproc", "2", "--fsdp", "--method", "qlora", "--no-double-quant", "--init-lora-weights", "loftq"],
             "--fsdp loads the other ranks without weights, which LoftQ's start needs",
         ),  # fmt: skip
-        (["--nproc", "3", "--global-batch", "8"], "--global-batch 8 is not divisible by 3 processes"),
-        (["--nproc", "2", "--global-batch", "8", "--batch-size", "2"], "give --global-batch or --batch-size"),
+        # (--device cpu: on a machine with fewer GPUs than processes, auto would stop first at "one GPU per process")
+        (
+            ["--nproc", "3", "--global-batch", "8", "--device", "cpu"],
+            "--global-batch 8 is not divisible by 3 processes",
+        ),
+        (
+            ["--nproc", "2", "--global-batch", "8", "--batch-size", "2", "--device", "cpu"],
+            "give --global-batch or --batch-size",
+        ),
         (["--nproc", "2", "--device", "cuda"], "needs a CUDA GPU and none is available"),
     ],
 )
@@ -461,14 +468,15 @@ def test_bad_input_stops_before_any_work(flags, message, tmp_path, capsys):
 
 
 CLI = ["--method", "lora", "--steps", "2", "--seq-len", "16", "--eval-every", "1", "--no-samples", "--seed", "3"]
+ON_CPU = ["--device", "cpu"]  # float32 on gloo, as this file's tolerances assume (auto: NCCL and bfloat16 on GPUs)
 
 
 @pytest.fixture(scope="module")
 def cli_runs(tmp_path_factory, one_thread):
     """`minipeft finetune --nproc 2 --global-batch 4` and the one-process run with --batch-size 4: their folders."""
     tmp = tmp_path_factory.mktemp("cli")
-    main(["finetune", *CLI, "--nproc", "2", "--global-batch", "4", "--out", str(tmp / "two")])
-    main(["finetune", *CLI, "--batch-size", "4", "--out", str(tmp / "one")])
+    main(["finetune", *CLI, *ON_CPU, "--nproc", "2", "--global-batch", "4", "--out", str(tmp / "two")])
+    main(["finetune", *CLI, *ON_CPU, "--batch-size", "4", "--out", str(tmp / "one")])
     return tmp / "two", tmp / "one"
 
 
@@ -487,7 +495,7 @@ def test_finetune_nproc_2_equals_one_process(cli_runs):
 def test_finetune_nproc_2_fsdp_qlora_equals_one_process(tmp_path):
     """`minipeft finetune --method qlora --fsdp --nproc 2` against one-process QLoRA on the bundled model and data:
     float32, the tolerances of the DDP command above (measured: losses 4e-8, adapter weights 1.1e-5)."""
-    qlora = ["--method", "qlora", *CLI[2:], "--eval-every", "2"]  # (held-out loss at steps 0 and 2)
+    qlora = ["--method", "qlora", *CLI[2:], *ON_CPU, "--eval-every", "2"]  # (held-out loss at steps 0 and 2)
     main(["finetune", *qlora, "--nproc", "2", "--fsdp", "--global-batch", "4", "--out", str(tmp_path / "two")])
     main(["finetune", *qlora, "--batch-size", "4", "--out", str(tmp_path / "one")])
     two, one = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("two", "one"))

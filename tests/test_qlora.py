@@ -106,7 +106,8 @@ def test_4bit_checkpoint_round_trips_and_loads_in_transformers_bitsandbytes(tmp_
     ours, _ = load_pretrained(tmp_path)
     assert sum(isinstance(m, NF4Linear) for m in ours.modules()) == 14
     torch.testing.assert_close(ours(ids).logits, ref, rtol=0, atol=0)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    # device_map="cpu": with a GPU, transformers puts a bitsandbytes-quantized model on cuda:0 by default
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu")
     assert type(hf.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
     hf.train()  # bitsandbytes' eval-mode CPU kernel repacks the weight and rounds differently
     with torch.no_grad():
