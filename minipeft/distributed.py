@@ -123,6 +123,17 @@ def teardown():
         dist.destroy_process_group()
 
 
+def abort():
+    """Leave the process group at once, after an error on this rank. NCCL's destroy_process_group waits for the
+    other ranks, which wait in a collective for this one: the job hung (till the group's timeout) before the error
+    was even printed. Aborting frees this rank to exit, and torchrun then stops the others."""
+    if dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            dist.distributed_c10d._abort_process_group()
+        else:
+            dist.destroy_process_group()
+
+
 def world():
     """(rank, world_size) of the process group; (0, 1) without one."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)

@@ -156,9 +156,12 @@ def cmd_finetune(args):
     quiet = contextlib.redirect_stdout(io.StringIO()) if distributed.world()[0] else contextlib.nullcontext()
     try:
         with quiet:  # rank 0 prints; errors (stderr) come from every rank
-            return record(_finetune)(args, device=device)  # (record: torchrun reports a rank's error)
-    finally:
-        distributed.teardown()
+            result = record(_finetune)(args, device=device)  # (record: torchrun reports a rank's error)
+    except BaseException:
+        distributed.abort()  # not teardown(): NCCL's would wait for the other ranks, blocked in a collective
+        raise
+    distributed.teardown()
+    return result
 
 
 def finetune_processes(args):
