@@ -30,6 +30,8 @@ Why each pays, in one line:
   model's memory); a checkpointed region around the dequantization alone makes it recompute W instead. In
   checkpointed Blocks (memory first) each 4-bit layer is one opaque op, nf4_matmul, with a Triton dequantization
   kernel: one dense W alive at a time (7B QLoRA, 4k tokens: 5.30 -> 4.98 GiB at 0.98x Unsloth's speed).
+- the MLP in checkpointed Blocks (fast_mlp.py), when it has an adapter: a hand-written backward (Unsloth's), four
+  (tokens, intermediate) tensors alive in it where the compiler's kept eight (1B LoRA all: 3.15 -> 2.94 GiB).
 - optimizer in backward: the gradients of the whole model never exist at once (7B full fine-tuning: 50.5 ->
   41.8 GiB); it needs grad_accum=1 and no clipping, and pays only when the optimizer step is the peak.
 """
