@@ -33,8 +33,8 @@ def _project(u, W, A, B, s):  # P(u) = u W^T + s (u A^T) B^T: (N, in) -> (N, out
 
 
 def _lora_mlp_forward(x, weights, scaling):
-    """y = down(silu(gate(x)) * up(x)), with e = gate(x) and g = up(x) (N, I) for backward. Plain torch ops: the
-    compiler fuses them (an opaque op here cost the host more per call than the GPU's work took at the 1B shape)."""
+    """y = down(silu(gate(x)) * up(x)), with e = gate(x) and g = up(x) (N, I) for backward. Plain torch ops, so the
+    compiler traces them into the Block's graph and fuses SwiGLU with its neighbours."""
     Wg, Ag, Bg, Wu, Au, Bu, Wd, Ad, Bd = weights
     u = x.reshape(-1, x.size(-1))  # (N, D)
     e, g = _project(u, Wg, Ag, Bg, scaling[0]), _project(u, Wu, Au, Bu, scaling[1])
