@@ -18,7 +18,8 @@ In forward this is computed without forming W':   h = W x + (m/n - 1) * W x + (m
 The layer wraps the layer it adapts (`base_layer`: nn.Linear, or NF4Linear for QLoRA) and keeps its adapters in
 small dicts keyed by adapter name ("default" unless you name them), as PEFT does, so several adapters can live
 on one base. Saved keys follow PEFT: `<module>.lora_A.weight`, `<module>.lora_B.weight`,
-`<module>.lora_magnitude_vector` (the adapter name is stripped in the file).
+`<module>.lora_magnitude_vector` (the adapter name is stripped in the file). Starts other than B = 0 (PiSSA, OLoRA,
+LoftQ) are in lora_init.py.
 """
 
 import dataclasses
@@ -32,9 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .loftq import LoftQConfig, check_loftq_config, loftq_init
+from . import lora_init
+from .loftq import LoftQConfig, check_loftq_config
 from .method import PeftConfig, TunerLayer, find_targets
-from .nf4 import NF4Linear
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -52,8 +53,8 @@ class LoraConfig(PeftConfig):
     use_rslora: bool = False
     use_dora: bool = False
     # True: PEFT's init (B = 0); "gaussian": A ~ N(0, 1/r); False: A, B random; "pissa", "pissa_niter_K", "olora":
-    # A and B from the weight itself (start_from_weight), the base weight rewritten so that the model starts unchanged;
-    # "loftq" (with loftq_config): the base quantized to NF4 and B A cancelling part of its error (loftq.py)
+    # A and B from the weight itself, the base weight rewritten so that the model starts unchanged; "loftq" (with
+    # loftq_config): the base quantized to NF4 and B A cancelling part of its error (both: lora_init.py)
     init_lora_weights: bool | str = True
     loftq_config: dict = field(default_factory=dict)  # PEFT's: {"loftq_bits": 4, "loftq_iter": T}, or a LoftQConfig
     bias: str = "none"
@@ -109,26 +110,8 @@ class LoraConfig(PeftConfig):
         return dataclasses.replace(self, init_lora_weights=True, loftq_config={})
 
     def relative_to_initial(self, state, initial_config, initial_state):
-        """PiSSA/OLoRA saved as a plain LoRA on the ORIGINAL weight (PEFT's conversion): the model computes
-        W_res + s B A = W - s B0 A0 + s B A, so its update of W is s (B A - B0 A0) = s [B, -B0] [A; A0], a LoRA of
-        rank 2r with the same scaling (alpha doubled; times sqrt(2) with rsLoRA). -> (config, state)."""
-        if self.init_lora_weights == "loftq" or initial_config.init_lora_weights == "loftq":
-            raise ValueError(
-                "a LoftQ adapter is a plain LoRA on its quantized base and has no conversion to the original weight; "
-                "save it without path_initial_model_for_weight_conversion"
-            )
-        if self.use_dora:
-            raise ValueError(
-                "a DoRA adapter cannot be saved relative to the initial weights (its magnitude is not a LoRA)"
-            )
-        if initial_config.r != self.r or set(initial_state) != set(state):
-            raise ValueError("the initial adapter does not match this one (its rank or its keys differ)")
-        out = {}
-        for key, t in state.items():
-            t0 = initial_state[key].to(t)
-            out[key] = torch.cat([t, t0], 0) if "lora_A" in key else torch.cat([t, -t0], 1)
-        alpha = self.lora_alpha * (math.sqrt(2) if self.use_rslora else 2)
-        return dataclasses.replace(self, r=2 * self.r, lora_alpha=alpha, init_lora_weights=True), out
+        """PiSSA/OLoRA saved as a plain LoRA on the original weight (lora_init.relative_to_initial)."""
+        return lora_init.relative_to_initial(self, state, initial_config, initial_state)
 
     @classmethod
     def combined(cls, configs, combination_type, svd_rank=None):
@@ -182,68 +165,13 @@ class LoraLayer(TunerLayer):
         if config.init_lora_weights is not False:  # False keeps nn.Linear's random init for B too, as PEFT
             nn.init.zeros_(self.lora_B[name].weight)
         if str(config.init_lora_weights).startswith(("pissa", "olora")):
-            self.start_from_weight(name, config.init_lora_weights)
+            lora_init.start_from_weight(self, name, config.init_lora_weights)
         if config.init_lora_weights == "loftq":
-            self.start_from_loftq(name, config)
+            lora_init.start_from_loftq(self, name, config)
         if config.use_dora:
             with torch.no_grad():
                 m = self.weight_norm(name).to(kw["dtype"])
             self.lora_magnitude_vector[name] = nn.Parameter(m)
-
-    def start_from_weight(self, name, how):
-        """PiSSA (Meng et al. 2024) and OLoRA (Büyükakyüz 2024): B A starts as the weight's own principal part, and
-        the base weight becomes the rest, W_res = W - s B A, so the model still computes W at step 0.
-            PiSSA:  W = U S V^T;  A = sqrt(S_r / s) V_r^T  (r, in),  B = U_r sqrt(S_r / s)  (out, r): s B A = U_r S_r V_r^T
-                    ("pissa_niter_K": U_r, S_r, V_r from torch.svd_lowrank with K iterations, random but fast)
-            OLoRA:  W = Q R;  A = R_r  (first r rows),  B = Q_r  (first r columns)
-        Computed in float32 at least (float64 stays float64). Singular vectors and QR are unique only up to the sign
-        of each pair (u_i, v_i), (q_i, r_i): B A and W_res are unique, A and B up to those signs."""
-        if not isinstance(self.base_layer, nn.Linear):
-            raise ValueError(
-                f"init_lora_weights={how!r} rewrites the base weight, so it needs a full-precision base, not a "
-                f"{type(self.base_layer).__name__} (quantize after the init, or use init_lora_weights=True)"
-            )
-        W, A, B, s = self.base_layer.weight, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
-        w, r = W.detach().to(torch.float32 if W.dtype in HALF else W.dtype), A.size(0)
-        if how == "olora":
-            Q, R = torch.linalg.qr(w)  # (out, k), (k, in)
-            new_B, new_A = Q[:, :r], R[:r]
-        else:
-            if how == "pissa":
-                U, S, Vh = torch.linalg.svd(w, full_matrices=False)
-            else:  # pissa_niter_K
-                U, S, V = torch.svd_lowrank(w, q=r, niter=int(how.split("_niter_")[1]))
-                Vh = V.T
-            root = (S[:r] / s).sqrt()  # sqrt(S_r / s): s B A = U_r diag(S_r) V_r^T
-            new_A, new_B = root[:, None] * Vh[:r], U[:, :r] * root[None, :]
-        with torch.no_grad():
-            A.copy_(new_A), B.copy_(new_B)
-            W.copy_(w - s * new_B @ new_A)  # W_res
-
-    def start_from_loftq(self, name, config):
-        """LoftQ (loftq.py): the base becomes an NF4Linear holding Q, and B A starts at the rank-r part of W - dequant(Q)
-        that loftq_init leaves, so dequant(Q) + s B A is closer to W than QLoRA's start dequant(Q). `errors` keeps
-        ||W - (dequant(Q) + s B A)|| after each alternating step.
-        Loading a saved LoftQ adapter (config.inference_mode, set by load_adapter): on a 4-bit base (the LoftQ base,
-        saved and loaded in 4 bits) nothing is done, the file's A and B are loaded; on the full-precision base LoftQ
-        runs again to rebuild the same Q (it is deterministic), and the file's A and B replace these."""
-        if not isinstance(self.base_layer, nn.Linear):
-            if config.inference_mode:
-                return
-            raise ValueError(
-                "init_lora_weights='loftq' quantizes the full-precision weight itself, so it needs an nn.Linear base, "
-                f"not a {type(self.base_layer).__name__} (pass the float model; it becomes 4-bit in the targets)"
-            )
-        base, steps = self.base_layer, config.loftq_config.get("loftq_iter", 1)
-        q, A, B, self.loftq_errors = loftq_init(base.weight, config.r, self.scaling[name], steps)
-        quantized = NF4Linear(self.in_features, self.out_features, base.bias is not None, double_quant=False,
-                              dtype=base.weight.dtype, device=base.weight.device)  # fmt: skip
-        quantized.qweight = q
-        if base.bias is not None:
-            quantized.bias.data.copy_(base.bias.detach())
-        self.base_layer = quantized
-        with torch.no_grad():
-            self.lora_A[name].weight.copy_(A), self.lora_B[name].weight.copy_(B)
 
     def delta_weight(self, name):  # s * B @ A: (out, in)
         return self.scaling[name] * self.lora_B[name].weight @ self.lora_A[name].weight
