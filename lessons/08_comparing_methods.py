@@ -230,14 +230,18 @@ assert rows["full"]["ms_per_step"] < 10 * rows["lora"]["ms_per_step"]  # far les
 #
 # Three losses per method, on the same held-out blocks: `base` (the model before any adapter), `start` (step 0,
 # the adapted model before training) and `end`. Each run's `metrics.json` holds the whole history: the held-out
-# loss at every evaluation (compare's curve) and the training loss of every 10th step.
+# loss at every evaluation (compare's curve) and the training loss of every 10th step. On a GPU the runs compute
+# in bf16 (autocast), the adapters on a bf16 copy of the base and full fine-tuning on its float32 weights, so there
+# full fine-tuning's `base` differs from the others' in the last digits; on a CPU all are float32 and equal.
 
 # %%
 metrics = {m: json.loads((OUT / m / "metrics.json").read_text()) for m in rows}
 for m, r_ in rows.items():
     assert [(e["step"], e["val_loss"]) for e in metrics[m]["eval"]] == r_["curve"]  # what compare tabulated
 base_loss = rows["lora"]["base"]
-assert all(r_["base"] == base_loss for r_ in rows.values())  # one base model, one held-out set
+# one base model, one held-out set: one base loss (on a GPU, full fine-tuning's differs a little: see above)
+assert all(r_["base"] == base_loss for m, r_ in rows.items() if m != "full" or device == "cpu")
+assert abs(rows["full"]["base"] - base_loss) < 0.01 * base_loss
 
 fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
 for i, m in enumerate(rows):
@@ -268,11 +272,11 @@ for m, r_ in rows.items():
 # to, so above the base, and their first steps go to undoing that (they also take the largest learning rates).
 
 # %%
-for m in ("full", "lora", "adapter"):
-    assert rows[m]["before"] == base_loss, m
-assert abs(rows["dora"]["before"] - base_loss) < 1e-4
+for m in ("full", "lora", "adapter"):  # each against its own base (see above)
+    assert rows[m]["before"] == rows[m]["base"], m
+assert abs(rows["dora"]["before"] - rows["dora"]["base"]) < 1e-4
 for m in ("qlora", "prefix", "prompt"):
-    assert rows[m]["before"] > base_loss, m
+    assert rows[m]["before"] > rows[m]["base"], m
 for m in ("full", "lora", "dora", "adapter", "qlora"):  # training helped the methods that start at the model
     assert rows[m]["after"] < rows[m]["before"], m
 if not FAST and device == "cpu":  # the same commands as benchmarks/README.md's sweep on this CPU: equal results
