@@ -128,8 +128,9 @@ def abort():
     other ranks, which wait in a collective for this one: the job hung (till the group's timeout) before the error
     was even printed. Aborting frees this rank to exit, and torchrun then stops the others."""
     if dist.is_initialized():
-        if dist.get_backend() == "nccl":
-            dist.distributed_c10d._abort_process_group()
+        abort_group = getattr(dist.distributed_c10d, "_abort_process_group", None)  # (private API: may be absent)
+        if dist.get_backend() == "nccl" and abort_group is not None:
+            abort_group()
         else:
             dist.destroy_process_group()
 

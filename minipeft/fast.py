@@ -125,7 +125,7 @@ def checkpoint_blocks(model, enabled=True, offload=False):
     for layer in blocks(model):
         _levers(layer)["checkpoint"] = "offload" if enabled and offload else bool(enabled)
         for m in layer.modules():
-            if hasattr(m, "qweight") or type(m) is MLP:  # compiled, one opaque op (_nf4_forward, _mlp_forward)
+            if hasattr(m, "qweight") or type(m) is MLP:  # compiled: an opaque op / backward (fast_nf4, fast_mlp)
                 m._fast_checkpointed = bool(enabled)
     return model
 
