@@ -277,7 +277,7 @@ def test_the_triton_dequantization_equals_the_library_bit_for_bit():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA kernel: its GPU run is in benchmarks/results")
 def test_the_triton_swiglu_kernels_equal_torch():
-    """fast_mlp's two SwiGLU kernels (in lora_mlp on a GPU) against torch's ops and autograd in float32 from the same
+    """fast_mlp's two SwiGLU kernels (lora_mlp's backward on a GPU) against torch's ops and autograd in float32 from the same
     16-bit inputs: h = silu(e) * g within two units in the last place (the kernel's exp is not torch's, and silu is
     rounded to the 16-bit type before the product, as F.silu does), de and dg within assert_close's defaults; a size
     that is no multiple of the kernels' block. Then lora_mlp in bf16 against the reference MLP's bf16 autograd."""
@@ -331,8 +331,8 @@ def test_a_compiled_block_outputs_only_its_hidden_states_when_training():
 
 
 def test_checkpointed_compiled_mlps_run_as_one_op_with_a_handwritten_backward():
-    """fast_mlp.lora_mlp (the MLP of a checkpointed compiled Block: SwiGLU and its adapters in one op, Unsloth's
-    hand-written backward) against the reference MLP in float64, with non-zero adapters on some projections and
+    """fast_mlp.lora_mlp (the MLP of a checkpointed compiled Block: SwiGLU and its adapters in one function whose
+    backward is one hand-written op, Unsloth's approach) against the reference MLP in float64, with non-zero adapters on some projections and
     none on another: output and gradients for x, A and B; opcheck on the backward's op. Then which Blocks use it:
     a checkpointed LoRA model's with an adapter in the MLP; not without one, with dropout, DoRA on the MLP, full
     fine-tuning or without checkpointing."""
