@@ -44,8 +44,7 @@ def contenders(mlp):
     op_compiled = torch.compile(fused)
 
     def op(x):
-        parts = [fast_mlp._parts(getattr(mlp, n), torch.bfloat16, True) for n in ("gate_proj", "up_proj", "down_proj")]
-        return fast_mlp.lora_mlp(x, [s for *_, s in parts], *[t for W, A, B, s in parts for t in (W, A, B)])
+        return fast_mlp.lora_mlp(x, *fast_mlp.mlp_operands(mlp, torch.bfloat16, True))
 
     return {"compiled": compiled, "op": op, "op_compiled": op_compiled}
 

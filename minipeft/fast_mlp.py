@@ -95,9 +95,9 @@ class _LoraMLP(torch.autograd.Function):
         return dx, None, None, None, None, dAg, dBg, None, dAu, dBu, None, dAd, dBd  # W_P frozen: no gradient
 
 
-def lora_mlp(x, scaling, *weights):
+def lora_mlp(x, scaling, weights):
     """down(silu(gate(x)) * up(x)) with adapters: weights = (W_g, A_g, B_g, W_u, A_u, B_u, W_d, A_d, B_d), all in
-    x's dtype, scaling = (s_g, s_u, s_d) (see the module's docstring)."""
+    x's dtype, scaling = (s_g, s_u, s_d) (see the module's docstring; mlp_operands builds both from an MLP)."""
     return _LoraMLP.apply(x, *scaling, *weights)
 
 
@@ -109,11 +109,20 @@ def _mlp_forward(mlp, x):
     if torch.compiler.is_compiling() and mlp.__dict__.get("_fast_checkpointed"):
         autocast = torch.is_autocast_enabled(x.device.type)
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-        parts = [_parts(getattr(mlp, n), dtype, autocast) for n in ("gate_proj", "up_proj", "down_proj")]
-        if None not in parts and any(A.size(0) for _, A, _, _ in parts):  # (frozen MLPs: the compiler's is as lean)
-            weights = [t for W, A, B, s in parts for t in (W, A, B)]
-            return lora_mlp(x.to(dtype), [s for *_, s in parts], *weights)
+        operands = mlp_operands(mlp, dtype, autocast)
+        if operands is not None and any(
+            A.size(0) for A in operands[1][1::3]
+        ):  # (frozen MLPs: the compiler's is as lean)
+            return lora_mlp(x.to(dtype), *operands)
     return type(mlp).forward(mlp, x)
+
+
+def mlp_operands(mlp, dtype, autocast):
+    """(scaling, weights) for lora_mlp from a model.MLP's three projections, or None when one cannot go in (_parts)."""
+    parts = [_parts(getattr(mlp, n), dtype, autocast) for n in ("gate_proj", "up_proj", "down_proj")]
+    if None in parts:
+        return None
+    return [s for *_, s in parts], [t for W, A, B, s in parts for t in (W, A, B)]
 
 
 def _parts(layer, dtype, autocast):

@@ -35,9 +35,8 @@ import torch.nn.functional as F
 
 from . import lora_init
 from .loftq import LoftQConfig, check_loftq_config
+from .loss import HALF
 from .method import PeftConfig, TunerLayer, find_targets
-
-HALF = (torch.float16, torch.bfloat16)
 
 # PEFT's defaults for target_modules=None, by config.json's model_type (all three: the attention's q and v)
 DEFAULT_TARGETS = {"llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj")}

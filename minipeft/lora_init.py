@@ -16,9 +16,8 @@ import torch
 import torch.nn as nn
 
 from .loftq import loftq_init
+from .loss import HALF
 from .nf4 import NF4Linear
-
-HALF = (torch.float16, torch.bfloat16)
 
 
 def start_from_weight(layer, name, how):

@@ -295,9 +295,8 @@ def test_the_triton_swiglu_kernels_equal_torch():
     model = get_peft_model(Transformer(tiny_config()).cuda().bfloat16(),
                            LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))  # fmt: skip
     mlp = fast.blocks(model)[0].mlp  # float32 adapters on a bf16 base, under autocast as in training
-    parts = [fast_mlp._parts(getattr(mlp, n), torch.bfloat16, True) for n in ("gate_proj", "up_proj", "down_proj")]
     x = torch.randn(4, 33, model.config.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    y = fast_mlp.lora_mlp(x, [s for *_, s in parts], *[t for W, A, B, s in parts for t in (W, A, B)])
+    y = fast_mlp.lora_mlp(x, *fast_mlp.mlp_operands(mlp, torch.bfloat16, True))
     with torch.autocast("cuda", torch.bfloat16):
         ref = mlp(x)
     torch.testing.assert_close(y, ref)
@@ -341,10 +340,9 @@ def test_checkpointed_compiled_mlps_run_as_one_op_with_a_handwritten_backward():
                                                      init_lora_weights=False, lora_alpha=3))  # fmt: skip
     mlp = fast.blocks(model)[0].mlp
     x = torch.randn(2, 5, model.config.hidden_size, dtype=torch.float64, requires_grad=True)
-    parts = [fast_mlp._parts(getattr(mlp, n), torch.float64, False) for n in ("gate_proj", "up_proj", "down_proj")]
-    weights = [t for W, A, B, s in parts for t in (W, A, B)]
-    assert [w.size(0) for w in weights[1::3]] == [4, 0, 4] and parts[0][3] == 3 / 4
-    y = fast_mlp.lora_mlp(x, [s for *_, s in parts], *weights)
+    scaling, weights = fast_mlp.mlp_operands(mlp, torch.float64, False)
+    assert [w.size(0) for w in weights[1::3]] == [4, 0, 4] and scaling == [3 / 4, 0.0, 3 / 4]
+    y = fast_mlp.lora_mlp(x, scaling, weights)
     ref = mlp(x)
     torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
     adapters = [p for n, p in mlp.named_parameters() if p.requires_grad]
@@ -354,7 +352,6 @@ def test_checkpointed_compiled_mlps_run_as_one_op_with_a_handwritten_backward():
     want = torch.autograd.grad(ref, [x, *adapters], g)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
-    scaling = [s for *_, s in parts]
     weights = [w.detach() for w in weights]
     args = (g, x.detach(), *fast_mlp._lora_mlp_forward(x.detach(), weights, scaling)[1:], weights, scaling)
     torch.library.opcheck(torch.ops.minipeft.lora_mlp_backward.default, args)
