@@ -30,7 +30,7 @@ import torch
 import minipeft.nf4 as nf4
 
 try:  # the kernels are defined at module level (Triton resolves a kernel's helpers among its globals)
-    import triton
+    import triton  # noqa: I001
     import triton.language as tl
 except ImportError:
     triton = None
@@ -109,13 +109,98 @@ if triton is not None:
             dx + rm[:, None] * K + rk[None, :], acc.to(dx.dtype.element_ty), mask=(rm[:, None] < M) & (rk[None, :] < K)
         )
 
+    @triton.jit
+    def halves(packed, absmax, nested_absmax, nested_code, offset, code, rows, k0, n_rows, K,
+               BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, DTYPE: tl.constexpr,
+               LOOKUP: tl.constexpr):  # fmt: skip
+        """W[rows, k0:k0 + 64:2] and W[rows, k0 + 1:k0 + 64:2] (a byte's high and low nibble) as two (R, 32)
+        tiles: no interleaving, and one scale per row (a 64-column piece lies in one block). LOOKUP=False
+        skips the code table (the nibble itself as the value: wrong numbers, for timing only)."""
+        blk = (rows * K + k0) // BLOCKSIZE
+        m = rows < n_rows
+        if NESTED:
+            c = tl.load(nested_code + tl.load(absmax + blk, mask=m, other=0).to(tl.int32), mask=m, other=0.0)
+            scale = c * tl.load(nested_absmax + blk // NESTED_BLOCKSIZE, mask=m, other=0.0) + tl.load(offset)
+        else:
+            scale = tl.load(absmax + blk, mask=m, other=0.0)
+        b = tl.load(packed + rows[:, None] * (K // 2) + k0 // 2 + tl.arange(0, 32)[None, :], mask=m[:, None], other=0)
+        b = b.to(tl.int32)
+        if LOOKUP:
+            hi, lo = tl.load(code + (b >> 4)), tl.load(code + (b & 15))
+        else:
+            hi, lo = (b >> 4).to(tl.float32), (b & 15).to(tl.float32)
+        return (hi * scale[:, None]).to(DTYPE), (lo * scale[:, None]).to(DTYPE)
+
+    @triton.jit
+    def nt_split(x, packed, absmax, nested_absmax, nested_code, offset, code, y, M, N, K, BLOCKSIZE: tl.constexpr,
+                 NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, LOOKUP: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr):  # fmt: skip
+        """nt with the sum over k in two halves per 64 columns: even columns with the high nibbles, odd with the
+        low (the same sum, in another order). BK is 64."""
+        pm, pn = grid_ids(M, N, BM, BN, GROUP)
+        rm, rn = pm * BM + tl.arange(0, BM), pn * BN + tl.arange(0, BN)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        even = 2 * tl.arange(0, 32)
+        for k0 in range(0, K, 64):
+            xa = x + rm[:, None] * K + k0 + even[None, :]
+            a_even = tl.load(xa, mask=rm[:, None] < M, other=0.0)
+            a_odd = tl.load(xa + 1, mask=rm[:, None] < M, other=0.0)
+            hi, lo = halves(packed, absmax, nested_absmax, nested_code, offset, code, rn, k0, N, K, BLOCKSIZE,
+                            NESTED_BLOCKSIZE, NESTED, x.dtype.element_ty, LOOKUP)  # fmt: skip
+            acc = tl.dot(a_odd, tl.trans(lo), tl.dot(a_even, tl.trans(hi), acc))
+        tl.store(
+            y + rm[:, None] * N + rn[None, :], acc.to(y.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N)
+        )
+
+    @triton.jit
+    def nn_split(g, packed, absmax, nested_absmax, nested_code, offset, code, dx, M, N, K, BLOCKSIZE: tl.constexpr,
+                 NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, LOOKUP: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr):  # fmt: skip
+        """nn with output tiles of 64 columns as two halves (even columns from the high nibbles, odd from the
+        low), stored with a stride of 2. BK is 64."""
+        pm, pk = grid_ids(M, K, BM, 64, GROUP)
+        rm, k0 = pm * BM + tl.arange(0, BM), pk * 64
+        acc_even, acc_odd = tl.zeros((BM, 32), dtype=tl.float32), tl.zeros((BM, 32), dtype=tl.float32)
+        for n0 in range(0, N, BN):
+            rn = n0 + tl.arange(0, BN)
+            a = tl.load(g + rm[:, None] * N + rn[None, :], mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
+            hi, lo = halves(packed, absmax, nested_absmax, nested_code, offset, code, rn, k0, N, K, BLOCKSIZE,
+                            NESTED_BLOCKSIZE, NESTED, g.dtype.element_ty, LOOKUP)  # fmt: skip
+            acc_even, acc_odd = tl.dot(a, hi, acc_even), tl.dot(a, lo, acc_odd)
+        out = dx + rm[:, None] * K + k0 + 2 * tl.arange(0, 32)[None, :]
+        tl.store(out, acc_even.to(dx.dtype.element_ty), mask=rm[:, None] < M)
+        tl.store(out + 1, acc_odd.to(dx.dtype.element_ty), mask=rm[:, None] < M)
+
+    @triton.jit
+    def nt_dense(x, w, y, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr):
+        """nt's loop on a dense W (N, K): what this kernel shape reaches without any dequantization."""
+        pm, pn = grid_ids(M, N, BM, BN, GROUP)
+        rm, rn = pm * BM + tl.arange(0, BM), pn * BN + tl.arange(0, BN)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            a = tl.load(x + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+            b = tl.load(w + rn[:, None] * K + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
+            acc = tl.dot(a, tl.trans(b), acc)
+        tl.store(
+            y + rm[:, None] * N + rn[None, :], acc.to(y.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N)
+        )
+
 
 def kernels(quick=False):
     """The forward and backward kernels, autotuned over CONFIGS (one small tile with quick=True: Triton's
     interpreter cannot time)."""
     tiles = [(32, 64, 128, 4, 2)] if quick else CONFIGS
-    configs = [triton.Config(dict(BM=m, BN=n, BK=k, GROUP=8), num_warps=w, num_stages=st) for m, n, k, w, st in tiles]
-    return [triton.autotune(configs=configs, key=["M", "N", "K"])(f) for f in (nt, nn)]
+    tiles64 = [(32, 64, 64, 4, 2)] if quick else [t for t in CONFIGS if t[2] == 64]
+
+    def tuned(f, tiles):
+        configs = [
+            triton.Config(dict(BM=m, BN=n, BK=k, GROUP=8), num_warps=w, num_stages=st) for m, n, k, w, st in tiles
+        ]
+        return triton.autotune(configs=configs, key=["M", "N", "K"])(f)
+
+    return dict(interleave=(tuned(nt, tiles), tuned(nn, tiles)), split=(tuned(nt_split, tiles64), tuned(nn_split, tiles64)),
+                dense=tuned(nt_dense, tiles))  # fmt: skip
 
 
 _CODES = {}
@@ -131,22 +216,30 @@ def _args(q):
                                                   NESTED=nested)  # fmt: skip
 
 
-def fused(x, q, transposed, fns):
-    """x W^T (transposed=False; x (M, in)) or x W (True; x (M, out)) with W = q in 4 bits, one kernel."""
-    import triton
-
+def fused(x, q, transposed, fns, variant="interleave", lookup=True):
+    """x W^T (transposed=False; x (M, in)) or x W (True; x (M, out)) with W = q in 4 bits, one kernel: variant
+    "interleave" (nt, nn) or "split" (nt_split, nn_split; lookup=False: without the code table, timing only)."""
     out_features, in_features = q.shape
     assert q.blocksize % 64 == 0 and in_features % q.blocksize == 0, (q.blocksize, q.shape)
     M = x.shape[0]
     args, meta = _args(q)
+    if variant == "split":
+        meta["LOOKUP"] = lookup
+    kernel = fns[variant][1 if transposed else 0]
+    y = x.new_empty(M, in_features if transposed else out_features)
     if not transposed:
-        y = x.new_empty(M, out_features)
         grid = lambda c: (triton.cdiv(M, c["BM"]) * triton.cdiv(out_features, c["BN"]),)  # noqa: E731
-        fns[0][grid](x, *args, y, M, out_features, in_features, **meta)
-        return y
-    y = x.new_empty(M, in_features)
-    grid = lambda c: (triton.cdiv(M, c["BM"]) * triton.cdiv(in_features, c["BK"]),)  # noqa: E731
-    fns[1][grid](x, *args, y, M, out_features, in_features, **meta)
+    else:
+        grid = lambda c: (triton.cdiv(M, c["BM"]) * triton.cdiv(in_features, c["BK"]),)  # noqa: E731
+    kernel[grid](x, *args, y, M, out_features, in_features, **meta)
+    return y
+
+
+def triton_dense(x, w, fns):
+    """x W^T with nt_dense (W dense)."""
+    y = x.new_empty(x.shape[0], w.shape[0])
+    grid = lambda c: (triton.cdiv(x.shape[0], c["BM"]) * triton.cdiv(w.shape[0], c["BN"]),)  # noqa: E731
+    fns["dense"][grid](x, w, y, x.shape[0], w.shape[0], x.shape[1])
     return y
 
 
@@ -193,6 +286,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="small shapes, a few calls: a correctness run")
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--only", help="comma-separated substrings of the shapes' names to run")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -200,6 +294,8 @@ def main(argv=None):
     shapes = {"small": (70, 256, 192, False), "small nested": (33, 128, 320, True)} if args.quick else SHAPES
     reps = 2 if args.quick else args.reps
     fns = kernels(args.quick)
+    if args.only:
+        shapes = {k: v for k, v in shapes.items() if any(o in k for o in args.only.split(","))}
     res = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", rows={})
     for name, (M, out_f, in_f, *double_quant) in shapes.items():
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16  # (the interpreter's dot has no bf16)
@@ -210,21 +306,26 @@ def main(argv=None):
         for transposed in (False, True):
             x = torch.randn(M, in_f if not transposed else out_f, device=device, dtype=dtype)
             ref = library(x, q, transposed)
-            got = fused(x, q, transposed, fns)
             exact = (x.double() @ (dense.double() if transposed else dense.double().T)).float()
             key = "backward dx = dy W" if transposed else "forward y = x W^T"
-            r = row[key] = dict(err_library=rel_err(ref, exact), err_fused=rel_err(got, exact))
-            assert r["err_fused"] < 2 * r["err_library"] + 1e-5, (name, key, r)  # the output's rounding: ~2e-3 in bf16
+            r = row[key] = dict(err_library=rel_err(ref, exact))
+            for variant in ("interleave", "split"):
+                got = fused(x, q, transposed, fns, variant)
+                r[f"err_{variant}"] = rel_err(got, exact)  # the output's rounding: ~2e-3 in bf16
+                assert r[f"err_{variant}"] < 2 * r["err_library"] + 1e-5, (name, key, variant, r)
             wt = dense if transposed else dense.T
-            r["dense_ms"] = ms_per_call(functools.partial(torch.matmul, x, wt), device, reps)
-            r["library_ms"] = ms_per_call(functools.partial(library, x, q, transposed), device, reps)
-            r["fused_ms"] = ms_per_call(functools.partial(fused, x, q, transposed, fns), device, reps)
-            r["fused_x_library"] = r["library_ms"] / r["fused_ms"]
-            best = getattr(fns[1 if transposed else 0], "best_config", None)
-            r["config"] = str(best) if best is not None else None
-            print(f"{name:20s} {key:20s} dense {r['dense_ms']:7.3f} ms  library {r['library_ms']:7.3f}  fused "
-                  f"{r['fused_ms']:7.3f} ms ({r['fused_x_library']:.2f}x)  err {r['err_library']:.1e} / "
-                  f"{r['err_fused']:.1e}  {r['config']}", flush=True)  # fmt: skip
+            calls = dict(dense=functools.partial(torch.matmul, x, wt), library=functools.partial(library, x, q, transposed),
+                         interleave=functools.partial(fused, x, q, transposed, fns, "interleave"),
+                         split=functools.partial(fused, x, q, transposed, fns, "split"),
+                         split_no_lookup=functools.partial(fused, x, q, transposed, fns, "split", False))  # fmt: skip
+            if not transposed:
+                calls["triton_dense"] = functools.partial(triton_dense, x, dense, fns)
+            r["ms"] = {k: ms_per_call(f, device, reps) for k, f in calls.items()}
+            r["configs"] = {
+                v: str(getattr(fns[v][1 if transposed else 0], "best_config", None)) for v in ("interleave", "split")
+            }
+            print(f"{name:20s} {key:20s} " + "  ".join(f"{k} {v:.3f}" for k, v in r["ms"].items()) + " ms  err "
+                  + " / ".join(f"{r[k]:.1e}" for k in r if k.startswith("err")), flush=True)  # fmt: skip
         res["rows"][name] = row
     if args.out:
         with open(args.out, "w") as f:

@@ -274,7 +274,8 @@ for m, r_ in rows.items():
 # %%
 for m in ("full", "lora", "adapter"):  # each against its own base (see above)
     assert rows[m]["before"] == rows[m]["base"], m
-assert abs(rows["dora"]["before"] - rows["dora"]["base"]) < 1e-4
+# DoRA: W's scale m / ||W + BA|| is 1 up to rounding: 1e-4 in float32 (the CPU), a few 1e-4 in bf16 (a GPU)
+assert abs(rows["dora"]["before"] - rows["dora"]["base"]) < (1e-4 if device == "cpu" else 1e-3)
 for m in ("qlora", "prefix", "prompt"):
     assert rows[m]["before"] > rows[m]["base"], m
 for m in ("full", "lora", "dora", "adapter", "qlora"):  # training helped the methods that start at the model
