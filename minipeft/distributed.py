@@ -34,18 +34,18 @@ compute in bf16 with float32 reduction (MixedPrecisionPolicy); on CPU in the mod
   reduce-scattered. Only the adapter's shards get gradients and AdamW states.
 - QLoRA (--method qlora): the idea of Answer.AI's FSDP + QLoRA, a base that does not fit one device in 4 bits fits
   N. The NF4 codes and their quantization state (absmax, double quantization's offset, nested absmax and code)
-  are sharded too: FSDP2 shards parameters only, so they become frozen parameters (_shard_nf4 below).
+  are sharded too: FSDP2 shards parameters only, so they become frozen parameters (distributed_nf4.py).
 Other adapters (bottleneck, IA3, prefix, prompt) are refused (check_shardable): nothing tests them sharded.
 
-Files. Only rank 0 writes (metrics.json, checkpoints, adapters), each atomically (files.py); with FSDP every rank
-first takes part in gathering the full tensors (DTensor.full_tensor()), then rank 0 writes them as one process
-would, from a plain copy of the model (gathered_model: the structure kept from before sharding, on the meta device,
-filled with the gathered tensors; for LoRA/QLoRA the frozen base is gathered too, at each checkpoint: simple, one
-all-gather of the base; gathering only the adapter is not done). A checkpoint holds the full trainable tensors and
-AdamW states; --resume shards them again like their parameters. It records the world size; --resume with another
-one stops at once with a clear error (the data each rank reads, and FSDP's shards, depend on it). Held-out loss:
-every rank evaluates its rows of each global batch, the sums of losses and token counts are all-reduced, so the
-number equals one process's.
+Files (with FSDP: distributed_io.py). Only rank 0 writes (metrics.json, checkpoints, adapters), each atomically
+(files.py); with FSDP every rank first takes part in gathering the full tensors (DTensor.full_tensor()), then rank 0
+writes them as one process would, from a plain copy of the model (gathered_model: the structure kept from before
+sharding, on the meta device, filled with the gathered tensors; for LoRA/QLoRA the frozen base is gathered too, at
+each checkpoint: simple, one all-gather of the base; gathering only the adapter is not done). A checkpoint holds the
+full trainable tensors and AdamW states; --resume shards them again like their parameters. It records the world
+size; --resume with another one stops at once with a clear error (the data each rank reads, and FSDP's shards,
+depend on it). Held-out loss: every rank evaluates its rows of each global batch, the sums of losses and token
+counts are all-reduced, so the number equals one process's.
 
 Loading with low memory (for a base larger than one device). shard() reads rank 0's weights only: rank 0 builds
 the model on its CPU as one process would (load_pretrained, quantize_model, get_peft_model: the same adapter init),
@@ -64,18 +64,16 @@ error (`minipeft finetune --nproc` prints it); nothing waits forever.
 """
 
 import contextlib
-import copy
-import dataclasses
 import datetime
-import functools
 import os
 import warnings
-import weakref
 
 import torch
 import torch.distributed as dist
 
-from .nf4 import _TENSOR_FIELDS, NF4Linear, dequantize_nf4
+from .distributed_io import _PLAIN, _full, _Gathered, _Param, _Sharding, _skeleton, gathered_model
+from .distributed_nf4 import _shard_nf4
+from .nf4 import NF4Linear
 
 FSDP_METHODS = ("full", "lora", "qlora")  # what --fsdp can shard (see the module docstring)
 FSDP_PEFT_TYPES = ("LORA",)  # the adapters it trains inside the shards (their configs' peft_type)
@@ -143,12 +141,6 @@ def world():
 def barrier():
     if dist.is_initialized():
         dist.barrier()
-
-
-def _full(t):  # a DTensor's whole value (a collective: every rank calls it, in the same order); others as they are
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _local(t):
@@ -232,146 +224,6 @@ def _scatter_rows(full, local):
         if rows[r].numel():
             dist.send(rows[r].to(local.device, local.dtype).contiguous(), r)
     local.copy_(rows[0])
-
-
-# ------------------------------------------------------------------------------------- 4-bit layers under FSDP2
-# FSDP2 shards and all-gathers nn.Parameters only, while NF4Linear keeps its 4-bit tensors (packed codes, absmax,
-# double quantization's offset, nested_absmax and nested_code) in a plain NF4Weight. So each becomes a frozen
-# parameter of the layer, `qweight_<field>`: its bytes, flat, held two by two in a bfloat16 tensor. Not
-# as uint8: torch before 2.13 makes every sharded parameter with requires_grad=True first, which a uint8 tensor
-# refuses ("only Tensors of floating point dtype can require gradients": seen on torch 2.11 + CUDA); and not as
-# float32: the bf16 policy would round it. bf16 is the policy's own dtype, so FSDP2 never casts it, and its
-# all-gather copies the bits as they are (a pattern that reads as NaN is never computed with: the layer views the
-# bytes back as uint8 codes and float32 absmax before any arithmetic). Each rank keeps 1/N of every one; inside
-# its Block's forward and backward FSDP2 has gathered them whole, and the layer's forward (and dequantize, for
-# DoRA) read them from there. qweight itself keeps only
-# the shapes and dtypes (on the meta device): the 4-bit bytes live in the parameters alone.
-
-
-def _shard_nf4(layer):
-    q = layer.qweight
-    for f in _nf4_fields(q):
-        t = getattr(q, f).reshape(-1).view(torch.uint8)  # (bytes,); a 0-dim offset becomes its 4 bytes
-        t = torch.cat([t, t.new_zeros(t.numel() % 2)]).view(torch.bfloat16)  # (bytes / 2,): see the note above
-        layer.register_parameter(f"qweight_{f}", torch.nn.Parameter(t, requires_grad=False))
-    layer.qweight = q.to("meta")
-    layer.forward = functools.partial(_nf4_forward, layer)
-    layer.dequantize = functools.partial(_nf4_dequantize, layer)
-    layer._apply = functools.partial(_nf4_apply, layer)
-
-
-def _nf4_apply(layer, fn, recurse=True):  # .to(), .to_empty(): the parameters move; qweight stays on meta
-    return torch.nn.Module._apply(layer, fn, recurse)
-
-
-def _nf4_fields(q):  # the tensors this NF4Weight holds (offset and nested_* only when double-quantized)
-    return [f for f in _TENSOR_FIELDS if getattr(q, f) is not None]
-
-
-def _nf4_whole(layer, tensors):  # qweight with its tensors from the bytes in `tensors` (field -> bf16-held bytes)
-    q = layer.qweight
-
-    def view(f):  # the field's bytes (the pad byte dropped) as its own dtype and shape
-        like = getattr(q, f)
-        return tensors[f].view(torch.uint8)[: like.numel() * like.element_size()].view(like.dtype).reshape(like.shape)
-
-    views = {f: view(f) for f in _nf4_fields(q)}
-    return dataclasses.replace(q, **views)
-
-
-def _gathered_nf4(layer):  # inside the Block's forward or backward, where FSDP2 holds the parameters whole
-    return _nf4_whole(layer, {f: getattr(layer, f"qweight_{f}") for f in _nf4_fields(layer.qweight)})
-
-
-def _nf4_forward(layer, x):  # NF4Linear.forward on the gathered tensors
-    meta, layer.qweight = layer.qweight, _gathered_nf4(layer)
-    try:
-        return type(layer).forward(layer, x)
-    finally:
-        layer.qweight = meta
-
-
-def _nf4_dequantize(layer):
-    return dequantize_nf4(_gathered_nf4(layer))
-
-
-# ------------------------------------------------------------------------------------------- saving, resuming
-_PLAIN = weakref.WeakKeyDictionary()  # sharded model -> its structure before sharding, on the meta device (rank 0)
-
-
-def _skeleton(model):
-    """A copy of model's modules with every parameter and 4-bit tensor on the meta device (no memory, no data);
-    buffers (the rotary frequencies) copied to the CPU."""
-    memo = {id(b): b.detach().to("cpu", copy=True) for b in model.buffers()}
-    memo |= {id(p): torch.nn.Parameter(p.detach().to("meta"), p.requires_grad) for p in model.parameters()}
-    for m in model.modules():
-        if isinstance(m, NF4Linear):
-            memo |= {id(getattr(m.qweight, f)): getattr(m.qweight, f).to("meta") for f in _nf4_fields(m.qweight)}
-    return copy.deepcopy(model, memo)
-
-
-def gathered_model(model):
-    """A plain (unsharded) copy of an FSDP-sharded model (a Transformer or a PeftModel, 4-bit layers included) on
-    rank 0's CPU, None on the other ranks; every rank must call it. An unsharded model is returned as it is."""
-    from torch.distributed.fsdp import FSDPModule
-
-    if not isinstance(model, FSDPModule):
-        return model
-    for m in model.modules():  # (the root stays gathered after a forward with no backward, e.g. evaluation)
-        if isinstance(m, FSDPModule):
-            m.reshard()
-    main = dist.get_rank() == 0
-    full = {}
-    for name, p in model.named_parameters():  # (tied weights once) the same order on every rank: collectives
-        t = _full(p).detach()
-        if main:
-            full[name] = t.cpu()
-    if not main:
-        return None
-    plain = copy.deepcopy(_PLAIN[model])
-    whole = {id(p): torch.nn.Parameter(full[n], p.requires_grad) for n, p in plain.named_parameters()}
-    for name, m in plain.named_modules():
-        m._parameters.update({k: whole[id(p)] for k, p in m._parameters.items() if p is not None})  # ties kept
-        if isinstance(m, NF4Linear):
-            m.qweight = _nf4_whole(m, {f: full[f"{name}.qweight_{f}"] for f in _nf4_fields(m.qweight)})
-    return plain
-
-
-class _Gathered:  # an optimizer as save_checkpoint reads it: its state_dict with every DTensor gathered
-    def __init__(self, optimizer):  # every rank: gathers each sharded state tensor (a collective)
-        sd = optimizer.state_dict()
-        self.sd = {**sd, "state": {i: {k: _full(v) for k, v in s.items()} for i, s in sd["state"].items()}}
-        self.param_groups = optimizer.param_groups
-
-    def state_dict(self):
-        return self.sd
-
-
-class _Sharding:  # an optimizer as load_checkpoint fills it: full state tensors become shards like their parameters
-    def __init__(self, optimizer):
-        self.optimizer, self.param_groups = optimizer, optimizer.param_groups
-        self.params = [p for g in optimizer.param_groups for p in g["params"]]  # the state's indices
-
-    def load_state_dict(self, sd):
-        from torch.distributed.tensor import DTensor, distribute_tensor
-
-        def shard_like(p, v):
-            if not (isinstance(p, DTensor) and v.dim() > 0):
-                return v
-            return distribute_tensor(v.to(p.dtype), p.device_mesh, p.placements)
-
-        state = {i: {k: shard_like(self.params[int(i)], v) for k, v in s.items()} for i, s in sd["state"].items()}
-        self.optimizer.load_state_dict({**sd, "state": state})
-
-
-class _Param:  # a sharded parameter as load_checkpoint sees it: the full shape, copy_ from a full tensor
-    def __init__(self, p):
-        self.p, self.shape = p, p.shape
-
-    def copy_(self, full):
-        from torch.distributed.tensor import distribute_tensor
-
-        self.p.copy_(distribute_tensor(full.to(self.p.dtype), self.p.device_mesh, self.p.placements))
 
 
 class Parallel:

@@ -105,7 +105,7 @@ class LoraConfig(PeftConfig):
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     def for_shapes(self):
-        """A copy that creates the same weights without touching the model (peft.py's dry run before a load)."""
+        """A copy that creates the same weights without touching the model (peft_io.py's dry run before a load)."""
         return dataclasses.replace(self, init_lora_weights=True, loftq_config={})
 
     def relative_to_initial(self, state, initial_config, initial_state):

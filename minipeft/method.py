@@ -99,7 +99,7 @@ class PeftConfig(abc.ABC):
     @classmethod
     def from_pretrained(cls, path):
         """The config saved in `path` (a folder holding adapter_config.json, or the file itself)."""
-        from .peft import load_config
+        from .peft_io import load_config
 
         config = load_config(path)
         if cls is not PeftConfig and not isinstance(config, cls):
@@ -107,8 +107,8 @@ class PeftConfig(abc.ABC):
         return config
 
     def for_shapes(self):
-        """A copy of this config that creates the same weights without touching the model: what peft.py's dry run
-        (the shapes of a load, on fake tensors) attaches. A method whose init rewrites the model overrides it."""
+        """A copy of this config that creates the same weights without touching the model: what peft_io.py's dry
+        run (the shapes of a load, on fake tensors) attaches. A method whose init rewrites the model overrides it."""
         return copy.deepcopy(self)
 
     @abc.abstractmethod

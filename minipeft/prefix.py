@@ -46,7 +46,7 @@ import torch.nn as nn
 
 from .method import PeftConfig, PromptLearning, check_shapes, fill_from_model, trainable_dtype
 
-RAW_NAME = "adapter_raw.safetensors"  # minipeft's second file (peft.py writes and reads it)
+RAW_NAME = "adapter_raw.safetensors"  # minipeft's second file (peft_io.py writes and reads it)
 
 
 def check_positive_int(owner, name, value, allow_none=False):

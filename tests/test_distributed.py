@@ -575,14 +575,14 @@ def test_weight_bytes_counts_a_sharded_4bit_layer_once():
     """Under --fsdp a 4-bit layer holds its codes and quantization state as parameters (qweight_<field>, two bytes
     to a bfloat16) and its qweight moves to meta: finetune's state_bytes counts those bytes once, as before
     (a pad byte per odd-sized tensor aside), not twice."""
-    from minipeft import distributed
+    from minipeft import distributed_nf4
 
     model = qlora_model()
     before = weight_bytes(model)
     layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
     pads = sum(getattr(m.qweight, f).numel() * getattr(m.qweight, f).element_size() % 2 for m in layers
-               for f in distributed._nf4_fields(m.qweight))  # fmt: skip
+               for f in distributed_nf4._nf4_fields(m.qweight))  # fmt: skip
     for m in layers:
-        distributed._shard_nf4(m)
+        distributed_nf4._shard_nf4(m)
     assert all("qweight_packed" in m._parameters and m.qweight.packed.is_meta for m in layers)
     assert weight_bytes(model) == before + pads

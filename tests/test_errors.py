@@ -153,7 +153,7 @@ def test_a_full_disk_during_the_adapter_save_is_one_line_and_keeps_the_checkpoin
         calls[0] += 1
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("minipeft.peft.save_file", full_disk)
+    monkeypatch.setattr("minipeft.peft_io.save_file", full_disk)
     with pytest.raises(SystemExit, match=r"^error: \[Errno 28\] No space left on device$"):
         main(finetune_args(tmp_path))
     assert calls[0] >= 1

@@ -54,7 +54,7 @@ def test_an_adapter_save_that_fails_at_any_step_leaves_the_previous_adapter_load
         return real_rename(src, dst)
 
     if fail_at == "during":
-        monkeypatch.setattr("minipeft.peft.save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+        monkeypatch.setattr("minipeft.peft_io.save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     monkeypatch.setattr(files.os, "rename", rename)
     with pytest.raises(OSError):
         adapter(1).save_pretrained(out)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import batch, tiny_model
 
-import minipeft.peft as peft_mod
+import minipeft.peft_io as peft_io
 from minipeft.lora import LoraConfig, LoraLayer
 from minipeft.peft import PeftModel, find_targets, get_peft_model
 
@@ -124,7 +124,7 @@ def test_failing_save_keeps_previous_adapter(tmp_path, monkeypatch):
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(peft_mod, "save_file", crash)
+    monkeypatch.setattr(peft_io, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         pm.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
