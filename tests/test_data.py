@@ -23,9 +23,9 @@ from minipeft.data import (
     collate,
     epoch_order,
     load_dataset,
-    load_jsonl_dataset,
     load_text_dataset,
 )
+from minipeft.instructions import load_jsonl_dataset
 from minipeft.tokenizer import PIECE_CHARS
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,!?'\n:0123456789"

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 import minipeft.fast as fast
 import minipeft.resume as resume_module
 import minipeft.train as train_module
-from minipeft.data import batch_stream, epoch_order, load_jsonl_dataset, load_text_dataset
+from minipeft.data import batch_stream, epoch_order, load_text_dataset
+from minipeft.instructions import load_jsonl_dataset
 from minipeft.model import ModelConfig, Transformer
 from minipeft.train import (
     NonFiniteLossError,
@@ -448,7 +449,7 @@ def test_checkpoint_layout_on_save_and_no_pickle(text_data, tmp_path):
     assert state["step"] == 2 and state["scheduler"]["last_epoch"] == 2
     assert {v["value"] for v in state["optimizer"]["scalars"].values()} == {2.0}  # AdamW's step counts
     assert set(state["rng"]) == {"python", "numpy"}
-    for source in ("train.py", "resume.py", "data.py"):
+    for source in ("train.py", "resume.py", "data.py", "instructions.py"):
         text = (Path(train_module.__file__).parent / source).read_text()
         assert not re.search(r"import pickle|torch\.load|torch\.save|pickle\.", text), source
 
