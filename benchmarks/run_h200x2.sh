@@ -15,6 +15,8 @@
 #                                                steps), 1B on GPU 1 (2 rounds); each process pinned to 8 cores of its own
 #   bash benchmarks/run_h200x2.sh mlp NAME       the CUDA tests of tests/test_fast.py, then the LoRA and QLoRA rows' memory
 #                                                contenders: 1B on GPU 0, 135M on GPU 1 (fast_mlp's hand-written backward)
+#   bash benchmarks/run_h200x2.sh fsdpcheck      the 4-bit bytes under FSDP2 (fsdp_nf4_check.py); step-0 held-out loss of
+#                                                LoRA and QLoRA: one process, DDP, FSDP2 (minipeft finetune, bundled model)
 #   bash benchmarks/run_h200x2.sh profile        1B LoRA all (DDP) and full (FSDP2) on 1 and 2 GPUs, profiled
 # Results and logs go to $OUT (the lent machine's output folder) or /tmp/out.
 set -u
@@ -108,6 +110,17 @@ profile)
   wait
   $T $P --method lora_all --profile "$out/prof-lora-2" > "$out/prof-lora-2.log" 2>&1
   $T $P --method full --fsdp --profile "$out/prof-fsdp-2" > "$out/prof-fsdp-2.log" 2>&1 ;;
+fsdpcheck)  # the 4-bit bytes under FSDP2, and the step-0 held-out loss one process / DDP / FSDP2
+  $T benchmarks/fsdp_nf4_check.py 2>&1 | tee "$out/fsdp-nf4-check.log"
+  a="--steps 2 --seq-len 16 --eval-every 2 --no-samples --seed 3"
+  for m in lora qlora; do
+    python -m minipeft.cli finetune --method $m $a --batch-size 4 --out /tmp/fc/$m-one > /dev/null 2>&1
+    python -m minipeft.cli finetune --method $m $a --nproc 2 --global-batch 4 --out /tmp/fc/$m-ddp > /dev/null 2>&1
+    python -m minipeft.cli finetune --method $m $a --nproc 2 --fsdp --global-batch 4 --out /tmp/fc/$m-fsdp > /dev/null 2>&1
+    for k in one ddp fsdp; do
+      python -c "import json; d = json.load(open('/tmp/fc/$m-$k/metrics.json')); print('$m $k', [(e['step'], round(e['val_loss'], 6)) for e in d['eval']])"
+    done
+  done 2>&1 | tee -a "$out/fsdp-nf4-check.log" ;;
 qlora7b)  # 7B QLoRA under FSDP2 against one GPU
   j="$out/qlora7b.jsonl"
   $T $D --shape llama-7b --method qlora --fsdp --steps 8 --warmup 3 --out "$j"

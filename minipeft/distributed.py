@@ -57,7 +57,8 @@ a whole weight; rank 0's CPU copy is dropped as it goes (tests/test_distributed.
 makes). A model that every rank built whole (the tests' in-process runs) is sharded the same way, its values on
 ranks > 0 ignored. LoftQ (its start needs every weight) is refused under --fsdp.
 
-Not done: nccl and the bf16 policy have never run in the tests (CPU, gloo only).
+Not done: nccl and the bf16 policy have never run in the tests (CPU, gloo only); by hand on two H200s:
+`bash benchmarks/run_h200x2.sh fsdpcheck` (4-bit bytes and step-0 loss against one process).
 
 Failures: a rank that raises exits non-zero; torchrun then stops the others and exits non-zero with that rank's
 error (`minipeft finetune --nproc` prints it); nothing waits forever.

@@ -6,27 +6,28 @@ import dataclasses
 import functools
 
 import torch
+import torch.nn.functional as F
 
-from .nf4 import _TENSOR_FIELDS, dequantize_nf4
+from .nf4 import _TENSOR_FIELDS, _dequantize, dequantize_nf4
 
 # FSDP2 shards and all-gathers nn.Parameters only, while NF4Linear keeps its 4-bit tensors (packed codes, absmax,
 # double quantization's offset, nested_absmax and nested_code) in a plain NF4Weight. So each becomes a frozen
-# parameter of the layer, `qweight_<field>`: its bytes, flat, held two by two in a bfloat16 tensor. Not
-# as uint8: torch before 2.13 makes every sharded parameter with requires_grad=True first, which a uint8 tensor
-# refuses ("only Tensors of floating point dtype can require gradients": seen on torch 2.11 + CUDA); and not as
-# float32: the bf16 policy would round it. bf16 is the policy's own dtype, so FSDP2 never casts it, and its
-# all-gather copies the bits as they are (a pattern that reads as NaN is never computed with: the layer views the
-# bytes back as uint8 codes and float32 absmax before any arithmetic). Each rank keeps 1/N of every one; inside
-# its Block's forward and backward FSDP2 has gathered them whole, and the layer's forward (and dequantize, for
-# DoRA) read them from there. qweight itself keeps only
-# the shapes and dtypes (on the meta device): the 4-bit bytes live in the parameters alone.
+# parameter of the layer, `qweight_<field>`: its bytes, flat, each byte held as a bfloat16 NUMBER (0 to 255, all
+# exact in bf16). Not as uint8: torch before 2.13 makes every sharded parameter with requires_grad=True first, which
+# a uint8 tensor refuses ("only Tensors of floating point dtype can require gradients": seen on torch 2.11 + CUDA);
+# not as float32: the bf16 policy would round it; and not two bytes to a bf16 (the bits as they are): a pair of
+# bytes can read as a NaN, and on CUDA FSDP2's copies pass bf16 through float32, which turns every NaN into one
+# canonical pattern (seen on two H200s: 0.5% of the bytes changed, every weight 5-11% off). A number 0..255 is
+# finite and exact in bf16 and float32 alike, so no copy or cast can change it; the price is two bytes per byte
+# while sharded. Each rank keeps 1/N of every one; inside its Block's forward and backward FSDP2 has gathered
+# them whole, and the layer's forward (and dequantize, for DoRA) read them from there, as bytes again. qweight
+# itself keeps only the shapes and dtypes (on the meta device): the 4-bit bytes live in the parameters alone.
 
 
 def _shard_nf4(layer):
     q = layer.qweight
     for f in _nf4_fields(q):
-        t = getattr(q, f).reshape(-1).view(torch.uint8)  # (bytes,); a 0-dim offset becomes its 4 bytes
-        t = torch.cat([t, t.new_zeros(t.numel() % 2)]).view(torch.bfloat16)  # (bytes / 2,): see the note above
+        t = getattr(q, f).reshape(-1).view(torch.uint8).to(torch.bfloat16)  # (bytes,), each a number: see above
         layer.register_parameter(f"qweight_{f}", torch.nn.Parameter(t, requires_grad=False))
     layer.qweight = q.to("meta")
     layer.forward = functools.partial(_nf4_forward, layer)
@@ -42,27 +43,50 @@ def _nf4_fields(q):  # the tensors this NF4Weight holds (offset and nested_* onl
     return [f for f in _TENSOR_FIELDS if getattr(q, f) is not None]
 
 
-def _nf4_whole(layer, tensors):  # qweight with its tensors from the bytes in `tensors` (field -> bf16-held bytes)
+def _nf4_whole(layer, tensors):  # qweight with its tensors from `tensors` (field -> its bytes as bf16 numbers)
     q = layer.qweight
 
-    def view(f):  # the field's bytes (the pad byte dropped) as its own dtype and shape
+    def view(f):  # the field's bytes as its own dtype and shape
         like = getattr(q, f)
-        return tensors[f].view(torch.uint8)[: like.numel() * like.element_size()].view(like.dtype).reshape(like.shape)
+        return tensors[f].to(torch.uint8).view(like.dtype).reshape(like.shape)
 
     views = {f: view(f) for f in _nf4_fields(q)}
     return dataclasses.replace(q, **views)
 
 
-def _gathered_nf4(layer):  # inside the Block's forward or backward, where FSDP2 holds the parameters whole
-    return _nf4_whole(layer, {f: getattr(layer, f"qweight_{f}") for f in _nf4_fields(layer.qweight)})
+def _held(layer):  # the layer's qweight_<field> parameters: whole inside its Block's forward and backward
+    return [getattr(layer, f"qweight_{f}") for f in _nf4_fields(layer.qweight)]
 
 
-def _nf4_forward(layer, x):  # NF4Linear.forward on the gathered tensors
-    meta, layer.qweight = layer.qweight, _gathered_nf4(layer)
-    try:
-        return type(layer).forward(layer, x)
-    finally:
-        layer.qweight = meta
+def _as_nf4(layer, held):  # qweight with its tensors from the held parameters' numbers, as bytes again
+    return _nf4_whole(layer, dict(zip(_nf4_fields(layer.qweight), held)))
+
+
+def _gathered_nf4(layer):
+    return _as_nf4(layer, _held(layer))
+
+
+class _HeldNF4Linear(torch.autograd.Function):
+    """nf4.NF4LinearFunction on the held parameters: it saves them (which FSDP2 frees after the Block's forward
+    and gathers again for its backward), not the bytes made from them, so no layer's 4-bit tensors stay whole
+    between forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x, bias, layer, *held):
+        ctx.save_for_backward(*held)
+        ctx.layer = layer
+        return F.linear(x, _dequantize(_as_nf4(layer, held), x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x = grad_out @ _dequantize(_as_nf4(ctx.layer, ctx.saved_tensors), grad_out.dtype)
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_bias, None, *[None] * len(ctx.saved_tensors)
+
+
+def _nf4_forward(layer, x):  # NF4Linear.forward, on the held parameters
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    return _HeldNF4Linear.apply(x, bias, layer, *_held(layer))
 
 
 def _nf4_dequantize(layer):
