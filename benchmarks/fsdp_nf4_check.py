@@ -1,5 +1,5 @@
-"""Under FSDP2 on GPUs, does each 4-bit layer read the very bytes it was quantized to? (On CUDA, FSDP2's copies pass
-bf16 through float32: bytes once held two to a bf16 came back changed wherever a pair read as a NaN.)
+"""Under FSDP2 on GPUs, does each 4-bit layer read the very bytes it was quantized to? (On CUDA, bytes once held
+two to a bf16 came back changed wherever a pair read as a NaN: the one NaN pattern a trip through float32 makes.)
 
     torchrun --nproc-per-node 2 benchmarks/fsdp_nf4_check.py      # NCCL, one GPU per process
 

@@ -16,12 +16,13 @@ from .nf4 import _TENSOR_FIELDS, _dequantize, dequantize_nf4
 # exact in bf16). Not as uint8: torch before 2.13 makes every sharded parameter with requires_grad=True first, which
 # a uint8 tensor refuses ("only Tensors of floating point dtype can require gradients": seen on torch 2.11 + CUDA);
 # not as float32: the bf16 policy would round it; and not two bytes to a bf16 (the bits as they are): a pair of
-# bytes can read as a NaN, and on CUDA FSDP2's copies pass bf16 through float32, which turns every NaN into one
-# canonical pattern (seen on two H200s: 0.5% of the bytes changed, every weight 5-11% off). A number 0..255 is
-# finite and exact in bf16 and float32 alike, so no copy or cast can change it; the price is two bytes per byte
-# while sharded. Each rank keeps 1/N of every one; inside its Block's forward and backward FSDP2 has gathered
-# them whole, and the layer's forward (and dequantize, for DoRA) read them from there, as bytes again. qweight
-# itself keeps only the shapes and dtypes (on the meta device): the 4-bit bytes live in the parameters alone.
+# bytes can read as a NaN, and on CUDA such a NaN came back from FSDP2 as the one pattern a trip through float32
+# makes (0x7FFF; which copy does it was not traced; seen on two H200s: about 1 in 2,000 code bytes and 1 in 300
+# scale bytes changed, weights 5-11% off). A number 0..255 is finite and exact in bf16 and float32 alike, so no copy
+# or cast can change it; the price is two bytes per byte while sharded. Each rank keeps 1/N of every one; inside its
+# Block's forward and backward FSDP2 has gathered them whole, and the layer's forward (and dequantize, for DoRA)
+# read them from there, as bytes again. qweight itself keeps only the shapes and dtypes (on the meta device): the
+# 4-bit bytes live in the parameters alone.
 
 
 def _shard_nf4(layer):

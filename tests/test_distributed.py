@@ -590,9 +590,9 @@ def test_weight_bytes_counts_a_sharded_4bit_layer_once():
 
 
 def test_the_held_4bit_bytes_survive_a_trip_through_float32():
-    """On CUDA, FSDP2's copies of bf16 parameters pass through float32, where every NaN becomes one pattern: bytes
-    held two to a bf16 changed there (0.5% of them on two H200s, each weight 5-11% off). Held as numbers 0..255,
-    they come back exactly, and the layer computes with the same weight after the trip."""
+    """On CUDA, bf16 parameters that read as a NaN came back from FSDP2 as the pattern a trip through float32 makes:
+    4-bit bytes held two to a bf16 changed there (about 1 in 2,000 on two H200s; weights 5-11% off). Held as numbers
+    0..255, they come back exactly, and the layer computes with the same weight after the trip."""
     from minipeft import distributed_nf4
 
     model = qlora_model()
