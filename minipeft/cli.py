@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-ASSETS = Path(__file__).parent / "assets"
+from .registry import ASSETS
+
 DEFAULT_DATA = ASSETS / "data" / "sonnets.txt"
 METHODS = ("lora", "qlora", "full", "adapter", "prefix", "prompt", "ia3")
 DEFAULT_BATCH = 8  # rows per micro-batch (and process); --global-batch sets it from the global batch instead

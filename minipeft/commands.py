@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import ASSETS, check_blocksize, pick_device, pick_dtype, writable_folder
+from .cli import check_blocksize, pick_device, pick_dtype, writable_folder
 
 # ----------------------------------------------------------------------------------------------- finding models
 
@@ -55,12 +55,12 @@ def base_model_of(adapter_dir):
 
 
 def model_path(name):  # where a model named on the command line lives on disk (None: not a local path)
-    from .registry import REGISTRY, minipeft_home
+    from .registry import REGISTRY, registered_folder
 
     if Path(name).exists():
         return Path(os.path.realpath(name))
     if name in REGISTRY:
-        return Path(os.path.realpath(ASSETS / name if REGISTRY[name] is None else minipeft_home() / "models" / name))
+        return Path(os.path.realpath(registered_folder(name)))
     return None
 
 

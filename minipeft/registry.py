@@ -28,9 +28,12 @@ def minipeft_home(home=None):
     return Path(home or os.environ.get("MINIPEFT_HOME") or Path.home() / ".cache" / "minipeft")
 
 
+def registered_folder(name):  # where a registered model's HF folder is (bundled) or goes (downloaded)
+    return ASSETS / name if REGISTRY[name] is None else minipeft_home() / "models" / name
+
+
 def _registered_path(name):
-    bundled = REGISTRY[name] is None
-    path = ASSETS / name if bundled else minipeft_home() / "models" / name
+    bundled, path = REGISTRY[name] is None, registered_folder(name)
     if not (path / "config.json").is_file():
         fix = "reinstall minipeft" if bundled else f"run `minipeft download {name}` (MINIPEFT_HOME sets the folder)"
         raise FileNotFoundError(f"{name} is not at {path}: {fix}")
