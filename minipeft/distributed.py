@@ -34,7 +34,8 @@ compute in bf16 with float32 reduction (MixedPrecisionPolicy); on CPU in the mod
   reduce-scattered. Only the adapter's shards get gradients and AdamW states.
 - QLoRA (--method qlora): the idea of Answer.AI's FSDP + QLoRA, a base that does not fit one device in 4 bits fits
   N. The NF4 codes and their quantization state (absmax, double quantization's offset, nested absmax and code)
-  are sharded too: FSDP2 shards parameters only, so they become frozen parameters (distributed_nf4.py).
+  are sharded too: FSDP2 shards parameters only, so they become frozen parameters (distributed_nf4.py), each
+  byte held as a bf16 number: the 4-bit base takes 2/N of its bytes per rank, not 1/N.
 Other adapters (bottleneck, IA3, prefix, prompt) are refused (check_shardable): nothing tests them sharded.
 
 Files (with FSDP: distributed_io.py). Only rank 0 writes (metrics.json, checkpoints, adapters), each atomically
